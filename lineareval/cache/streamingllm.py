@@ -1,0 +1,29 @@
+"""StreamingLLM: attention sinks plus a recent window.
+
+Xiao et al. 2023, "Efficient Streaming Language Models with Attention Sinks", https://arxiv.org/abs/2309.17453.
+The original re-rotates pre-RoPE keys into a contiguous position range; image models cache
+post-RoPE keys, so here sinks and recent tokens keep their original positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lineareval.cache.policy import CachePolicy, EvictionContext, TokenLayout, protect
+
+
+@dataclass
+class StreamingLLM(CachePolicy):
+    """Prefix + the first `sinks` visual tokens + the most recent `B - sinks`."""
+
+    name = "streamingllm"
+    sinks: int = 4
+
+    def minimum_budget(self, layout: TokenLayout) -> int:
+        return self.sinks + 1
+
+    def score(self, layer, context: EvictionContext) -> torch.Tensor:
+        positions = layer.positions[:, :, : layer.state.high_water]
+        return protect(positions.float(), positions < context.position(self.sinks))

@@ -1,0 +1,19 @@
+"""Sliding window: the prefix plus the most recent `B` visual tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lineareval.cache.policy import CachePolicy, EvictionContext
+
+
+@dataclass
+class Window(CachePolicy):
+    """Evicts the oldest visual token every step once over budget (the no-scoring reference cost)."""
+
+    name = "window"
+
+    def score(self, layer, context: EvictionContext) -> torch.Tensor:
+        return layer.positions[:, :, : layer.state.high_water].float()  # newer keeps

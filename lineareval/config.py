@@ -1,0 +1,37 @@
+"""Config helpers: the `path_safe` resolver and device/dtype resolution."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def path_safe(value) -> str:
+    """A config value as a folder name: `1/6` -> `1_6`."""
+    return str(value).replace("/", "_").replace(" ", "")
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("path_safe"):
+        OmegaConf.register_new_resolver("path_safe", path_safe)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} was asked for but CUDA is not available; use device=cpu or device=auto")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is bf16 on GPU and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,138 @@
+"""LlamaGen adapter: class labels in, uint8 images out, under any cache policy.
+
+CFG layout as in the official sampler: the batch is [conditional; unconditional] (the null class),
+both halves are fed the same sampled token, and each half keeps its own cache selection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lineareval.cache import CachePolicy, KVCache, TokenLayout
+from lineareval.models.checkpoint import extract_model_state, load_into, load_state_dict_file
+from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
+from lineareval.models.vq import VQConfig, VQModel, to_uint8
+from lineareval.models.weights import WeightFile, resolve_weight_files
+from lineareval.sampling import SamplingConfig, sample_tokens
+
+log = logging.getLogger(__name__)
+
+StepObserver = Callable[[int, KVCache], None]
+
+
+@dataclass
+class LlamaGenGenerator:
+    """A LlamaGen GPT, its VQ decoder and sampling defaults."""
+
+    name: str
+    gpt: LlamaGen
+    vq: VQModel
+    sampling: SamplingConfig
+    weights: str
+    weight_files: list[str] = field(default_factory=list)
+
+    @property
+    def layout(self) -> TokenLayout:
+        return self.gpt.layout
+
+    @property
+    def num_classes(self) -> int:
+        return self.gpt.config.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        return self.gpt.output.weight.device
+
+    def sequences(self, batch: int) -> int:
+        return 2 * batch if self.sampling.guided else batch
+
+    def new_cache(self, policy: CachePolicy, budget: int, batch: int) -> KVCache:
+        return self.gpt.new_cache(policy, budget, self.sequences(batch))
+
+    @torch.inference_mode()
+    def generate(self, labels: torch.Tensor, sample_ids: torch.Tensor, cache: KVCache, seed: int,
+                 observer: StepObserver | None = None) -> torch.Tensor:
+        """Sample the N visual tokens of each image. labels, sample_ids: (B,) -> tokens (B, N) int64.
+
+        `observer(visual_index, cache)` runs after each decode step (tests record cache contents).
+        """
+        guided, num_visual = self.sampling.guided, self.layout.num_visual
+        conditions = torch.cat([labels, torch.full_like(labels, self.gpt.null_class)]) if guided else labels
+        logits = self.gpt.prefill(conditions, cache)
+        tokens = torch.empty(len(labels), num_visual, dtype=torch.long, device=labels.device)
+        for index in range(num_visual):
+            token = sample_tokens(self._guide(logits, index), self.sampling, seed, sample_ids, index)
+            tokens[:, index] = token
+            if index == num_visual - 1:
+                break
+            logits = self.gpt.decode(torch.cat([token, token]) if guided else token, index, cache)
+            if observer is not None:
+                observer(index, cache)
+        return tokens
+
+    def _guide(self, logits: torch.Tensor, index: int) -> torch.Tensor:
+        """(S, V) -> (B, V): classifier-free guidance on [cond; uncond] rows, as the official sampler."""
+        if not self.sampling.guided:
+            return logits
+        cond, uncond = logits.chunk(2)
+        if not self.sampling.guidance_at(index):
+            return cond
+        return uncond + (cond - uncond) * self.sampling.cfg_scale
+
+    @torch.inference_mode()
+    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N) token ids -> (B, H, W, 3) uint8 images."""
+        grid = (self.layout.rows, self.layout.line_len)
+        return to_uint8(self.vq.decode_codes(tokens.to(self.vq.quant_conv.weight.device), grid))
+
+
+def _initialise_random(gpt: LlamaGen, vq: VQModel, seed: int) -> None:
+    """Official init (normal, std 0.02) for a speed benchmark; the output layer is not zeroed, so
+    logits are informative enough to exercise sampling."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in (gpt, vq):
+        for name, parameter in module.named_parameters():
+            if parameter.dim() > 1:
+                parameter.data.normal_(0.0, 0.02, generator=generator)
+            elif "norm" in name:
+                parameter.data.fill_(1.0)
+            else:
+                parameter.data.zero_()
+    codebook = vq.quantize.embedding.weight.data
+    codebook.copy_(torch.nn.functional.normalize(codebook, dim=-1))
+
+
+def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq_file: str | None,
+                    gpt_ckpt: str | None, vq_ckpt: str | None, vq: dict, sampling: dict, weights: str,
+                    weights_dir: str | Path, device: str | torch.device, dtype: torch.dtype,
+                    download: bool = True, seed: int = 0, **gpt_fields) -> LlamaGenGenerator:
+    """Build from a `conf/model/llamagen*.yaml` block; load official files unless `weights=random`."""
+    config = LlamaGenConfig(**gpt_fields)
+    with torch.device("meta"):
+        gpt, tokenizer = LlamaGen(config), VQModel(VQConfig(**vq))
+    gpt.to_empty(device="cpu")
+    tokenizer.to_empty(device="cpu")
+    files: list[str] = []
+    if weights == "random":
+        log.warning("model %s uses RANDOM weights (weights=random): speed benchmarks only", name)
+        _initialise_random(gpt, tokenizer, seed)
+    elif weights == "checkpoint":
+        if not (gpt_file or gpt_ckpt) or not (vq_file or vq_ckpt):
+            raise FileNotFoundError(f"model {name} has no released checkpoint; set model.gpt_ckpt=PATH and "
+                                    "model.vq_ckpt=PATH, or choose weights=random (random weights, speed only)")
+        wanted = [WeightFile(gpt_file or Path(gpt_ckpt).name, hub_repo, gpt_ckpt),
+                  WeightFile(vq_file or Path(vq_ckpt).name, hub_repo, vq_ckpt)]
+        gpt_path, vq_path = resolve_weight_files(wanted, weights_dir, download=download)
+        for module, path in ((gpt, gpt_path), (tokenizer, vq_path)):
+            load_into(module, extract_model_state(load_state_dict_file(path), path), source=str(path))
+            files.append(str(path))
+    else:
+        raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
+    gpt.to(device=device, dtype=dtype).eval()
+    tokenizer.to(device=device).eval()  # the tokenizer decodes in fp32, as the official sampler
+    return LlamaGenGenerator(name, gpt, tokenizer, SamplingConfig(**sampling), weights, files)

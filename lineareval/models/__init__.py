@@ -1,0 +1,1 @@
+"""Model families: generators (GPTs) and image tokenizers, with official checkpoint layouts."""

@@ -1,0 +1,136 @@
+"""The runner: conditions from the benchmark, samples from the generator under a policy, one record.
+
+Run folder contents: `config.yaml` (resolved), `tokens.npz` (`tokens` [n, N], `labels` [n]),
+`samples.npz` (ADM layout: `arr_0` uint8 [n, H, W, 3]), `samples.png` (a grid of the first samples),
+and `metrics.json`, written last: its presence marks the run finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torchvision.utils import make_grid
+from tqdm.auto import tqdm
+
+from lineareval.cache import CachePolicy
+from lineareval.config import resolve_device, resolve_dtype
+from lineareval.keep import check_budget, parse_keep
+from lineareval.memory import PeakMemory
+from lineareval.record import (RunRecord, environment_info, is_finished, load_record, save_record,
+                               write_json_atomic, write_npz_atomic)
+
+log = logging.getLogger(__name__)
+
+IGNORED_ON_RESUME = ("force", "grid_images")
+
+
+class RunConflictError(RuntimeError):
+    """run_dir holds a finished run made with a different configuration."""
+
+
+def build_policy(cache_cfg: DictConfig) -> CachePolicy:
+    """Instantiate `conf/cache/<name>.yaml`; `name` labels the record and is not a policy field."""
+    fields = {key: value for key, value in OmegaConf.to_container(cache_cfg, resolve=True).items() if key != "name"}
+    return instantiate(fields)
+
+
+def _existing_result(run_dir: Path, resolved: dict) -> dict | None:
+    """The finished record if run_dir holds one made with this config; raise if made with another."""
+    if not is_finished(run_dir):
+        return None
+    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    changed = sorted(key for key in set(stored) | set(resolved)
+                     if key not in IGNORED_ON_RESUME and stored.get(key) != resolved.get(key))
+    if changed:
+        raise RunConflictError(f"{run_dir} already holds a finished run with a different configuration (differs in: "
+                               f"{', '.join(changed)}); pass force=true to overwrite or run_dir=... to keep both")
+    return load_record(run_dir)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def save_grid(images: np.ndarray, path: Path, count: int) -> None:
+    """PNG grid of the first `count` images (uint8 [n, H, W, 3])."""
+    shown = torch.from_numpy(images[:count]).permute(0, 3, 1, 2)
+    grid = make_grid(shown, nrow=int(np.ceil(np.sqrt(len(shown)))), padding=2, pad_value=255)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Generate, measure and record one run; returns the record (skips finished runs unless forced)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_dir = Path(cfg.run_dir)
+    if not cfg.force and (record := _existing_result(run_dir, resolved)) is not None:
+        log.info("%s is finished; skipping (force=true reruns it)", run_dir)
+        return record
+    keep = parse_keep(cfg.keep)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    policy = build_policy(cfg.cache)
+    generator = instantiate(cfg.model, _convert_="all", sampling=resolved["sampling"], weights=cfg.weights,
+                            weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype,
+                            seed=cfg.seed)
+    layout = generator.layout
+    budget = keep.budget(layout.num_visual)
+    check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=cfg.cache.name,
+                 model=cfg.model.name)
+    benchmark = instantiate({k: v for k, v in resolved["benchmark"].items() if k != "name"})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+
+    sample_ids = torch.arange(cfg.num_samples)
+    labels = benchmark.conditions(sample_ids, cfg.seed, generator.num_classes)
+    all_tokens, all_images, latencies = [], [], []
+    capacity_bytes = high_water_bytes = peak_bytes = 0
+    progress = tqdm(total=cfg.num_samples, desc=f"{cfg.model.name} {cfg.cache.name} keep={keep.text}", unit="img")
+    with progress:
+        for start in range(0, cfg.num_samples, cfg.batch_size):
+            ids = sample_ids[start:start + cfg.batch_size].to(device)
+            batch_labels = labels[start:start + cfg.batch_size].to(device)
+            with PeakMemory(device) as memory:
+                cache = generator.new_cache(policy, budget, len(ids))
+                _synchronize(device)
+                began = time.perf_counter()
+                tokens = generator.generate(batch_labels, ids, cache, cfg.seed)
+                _synchronize(device)
+                latencies.append(time.perf_counter() - began)
+            capacity_bytes = max(capacity_bytes, cache.capacity_bytes())
+            high_water_bytes = max(high_water_bytes, cache.high_water_bytes())
+            peak_bytes = max(peak_bytes, memory.peak_bytes if device.type == "cuda" else memory.peak_increase_bytes)
+            del cache
+            all_tokens.append(tokens.cpu())
+            if cfg.decode_images:
+                all_images.append(generator.decode_images(tokens).cpu())
+            progress.update(len(ids))
+
+    tokens = torch.cat(all_tokens).numpy()
+    write_npz_atomic(run_dir / "tokens.npz", tokens=tokens, labels=labels.numpy())
+    if all_images:
+        images = torch.cat(all_images).numpy()
+        write_npz_atomic(run_dir / "samples.npz", arr_0=images)
+        save_grid(images, run_dir / "samples.png", cfg.grid_images)
+    total_time = sum(latencies)
+    record = RunRecord(
+        model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budget,
+        batch_size=cfg.batch_size, num_samples=cfg.num_samples, seed=cfg.seed, weights=cfg.weights,
+        weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
+        peak_memory_bytes=peak_bytes, peak_memory_method=memory.method, kv_cache_capacity_bytes=capacity_bytes,
+        kv_cache_high_water_bytes=high_water_bytes, latency_s_per_batch=total_time / len(latencies),
+        generation_time_s=total_time, images_per_s=cfg.num_samples / total_time,
+        tokens_per_s=cfg.num_samples * layout.num_visual / total_time, **environment_info(device),
+        extra={"policy": policy.describe(), **benchmark.evaluate(run_dir)})
+    save_record(record, run_dir)
+    log.info("%s: %.2f images/s, KV cache %.1f MiB allocated, peak memory %.1f MiB (%s) -> %s",
+             cfg.cache.name, record.images_per_s, capacity_bytes / 2**20, peak_bytes / 2**20,
+             memory.method, run_dir)
+    return record.to_dict()

@@ -1,0 +1,97 @@
+"""Sampling with per-sample randomness: sample `i` depends only on `(seed, i)`.
+
+Draws come from a counter-based hash of (seed, sample index, step, vocabulary entry), turned into
+Gumbel noise: `argmax(logits / T + gumbel)` is an exact sample of `softmax(logits / T)` (Gumbel-max),
+and no random state is shared between samples. So a sample is the same at any batch size, in any
+process, and a full-cache run and a compressed run with the same seed are paired sample by sample.
+Integer hashing is exact on every device; only the logits themselves depend on the hardware.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MASK32 = 0xFFFFFFFF
+LABEL_STREAM = 0x1ABE1  # the counter used for class labels; token steps use their index
+
+
+@dataclass
+class SamplingConfig:
+    """Official LlamaGen sampling knobs (`cfg_interval=-1` keeps guidance on for every token)."""
+
+    cfg_scale: float = 1.75
+    cfg_interval: int = -1
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale > 1.0
+
+    def guidance_at(self, token_index: int) -> bool:
+        """Whether token `token_index` (0 = first visual token) is sampled with guidance."""
+        return self.guided and (self.cfg_interval < 0 or token_index - 1 <= self.cfg_interval)
+
+
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2**32 without overflowing int64 (16-bit halves)."""
+    low, high = x & 0xFFFF, x >> 16
+    return (low * constant + ((high * (constant & 0xFFFF)) << 16)) & MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32) applied elementwise to int64 values in [0, 2**32)."""
+    x = x & MASK32
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mix_int(value: int) -> int:
+    return int(_mix32(torch.tensor([value & MASK32], dtype=torch.long))[0])
+
+
+def counter_bits(seed: int, sample_ids: torch.Tensor, counter: int, width: int) -> torch.Tensor:
+    """32 random bits per (sample, column) from the key (seed, sample, counter). -> (B, width) int64."""
+    row = _mix32(_mix32(sample_ids.long() ^ _mix_int(seed)) ^ _mix_int(counter + 0x9E3779B9))  # (B,)
+    columns = _mix32(torch.arange(width, device=sample_ids.device) + 0x85EBCA6B)  # (width,)
+    return _mix32(row[:, None] ^ columns[None, :])
+
+
+def gumbel_noise(seed: int, sample_ids: torch.Tensor, counter: int, width: int) -> torch.Tensor:
+    """Standard Gumbel noise (B, width), float32, from the counter hash."""
+    uniform = ((counter_bits(seed, sample_ids, counter, width) >> 8).float() + 0.5) / 2**24  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def class_labels(seed: int, sample_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Uniform class label of each sample, a function of (seed, sample index) only. (B,) -> (B,)."""
+    return counter_bits(seed, sample_ids, LABEL_STREAM, 1)[:, 0] % num_classes
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Top-k then nucleus filtering with the official semantics (filtered entries become -inf). (B, V)."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.cumsum(F.softmax(sorted_logits, dim=-1), dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the first token above the threshold
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, config: SamplingConfig, seed: int, sample_ids: torch.Tensor,
+                  token_index: int) -> torch.Tensor:
+    """Draw token `token_index` for each sample. logits (B, V) float -> (B,) int64."""
+    logits = filter_logits(logits / max(config.temperature, 1e-5), config.top_k, config.top_p)
+    if config.top_k == 1:
+        return logits.argmax(dim=-1)
+    return (logits + gumbel_noise(seed, sample_ids, token_index, logits.shape[-1])).argmax(dim=-1)
