@@ -1,0 +1,167 @@
+"""Safe loading of official checkpoints: read a file, find its state dict, load it strictly.
+
+Checkpoints come from the internet, so pickles are read with `torch.load(weights_only=True)` and an
+allow-list holding only `argparse.Namespace` (LlamaGen stores its training args next to the
+weights).
+Tensors are returned as stored; casting to a compute dtype is the caller's job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+# Plain types official training scripts save next to the weights. Nothing else is ever unpickled.
+SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
+
+# Official layouts, in the order they are tried: LlamaGen ("model"), DeepSpeed ("module"), generic
+# ("state_dict"). A raw state dict (LlamaGen XXL/3B, saved with FSDP) is recognised by its values.
+STATE_KEYS: tuple[str, ...] = ("model", "module", "state_dict")
+
+_MAX_LISTED = 10
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read safely or does not fit the model."""
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a `.safetensors` or torch pickle file and return its model state dict on CPU."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        allowed = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_GLOBALS)
+        raise CheckpointError(
+            f"Refusing to load {path}: it contains objects outside the allow-list of plain types "
+            f"(tensors, containers, numbers, strings, {allowed}). "
+            f"torch said: {_torch_reason(error)}\n"
+            "Get the official weights file, or convert this one to .safetensors in a trusted "
+            "environment; lineareval never unpickles arbitrary objects."
+        ) from error
+    state = extract_model_state(obj, path)
+    logger.info("Read %d tensors from %s", len(state), path)
+    return state
+
+
+def extract_model_state(obj: object, path: str | Path) -> dict[str, Tensor]:
+    """Return the model state dict of a loaded checkpoint in any official layout.
+
+    Accepts `{"model": sd}` (LlamaGen), `{"module": sd}` (DeepSpeed), `{"state_dict": sd}` and a raw
+    state dict whose values are all tensors (FSDP files of LlamaGen XXL/3B).
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"Unknown checkpoint layout in {path}: expected a dict, got {type(obj).__name__}."
+        )
+    for key in STATE_KEYS:
+        if key in obj and isinstance(obj[key], Mapping):
+            return _as_state_dict(obj[key], path, where=f'["{key}"]')
+    if obj and all(isinstance(value, Tensor) for value in obj.values()):
+        return _as_state_dict(obj, path, where="")
+    raise CheckpointError(
+        f"Unknown checkpoint layout in {path}: top-level keys {_listing(map(repr, obj))}. "
+        f"Expected one of {list(STATE_KEYS)} holding the state dict, "
+        "or a raw state dict of tensors."
+    )
+
+
+def load_into(
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    source: str,
+    ignore: tuple[str, ...] = ("freqs_cis",),
+) -> None:
+    """Strictly load `state` into `module`, reporting every mismatch at once.
+
+    Keys named in `ignore` (exactly, or as the last dotted component) are neither loaded nor
+    required: old LlamaGen files carry a precomputed `freqs_cis` buffer that we rebuild ourselves.
+    """
+    state = {key: value for key, value in state.items() if not _ignored(key, ignore)}
+    expected = {
+        key: value for key, value in module.state_dict().items() if not _ignored(key, ignore)
+    }
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    mismatched = [
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state and state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        problems = [
+            f"  {label} ({len(items)}): {_listing(items)}"
+            for label, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", mismatched),
+            )
+            if items
+        ]
+        raise CheckpointError(
+            f"Checkpoint {source} does not fit {type(module).__name__}:\n"
+            + "\n".join(problems)
+            + "\nIs this the right model size and family? Check the model.* fields of the config."
+        )
+    # Our checks above cover strictness; strict=False only lets ignored module keys stay as built.
+    module.load_state_dict(state, strict=False)
+    logger.info("Loaded %d tensors from %s into %s", len(state), source, type(module).__name__)
+
+
+def _load_safetensors(path: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(path, device="cpu")
+    except SafetensorError as error:
+        raise CheckpointError(f"Cannot read safetensors file {path}: {error}") from error
+    logger.info("Read %d tensors from %s", len(state), path)
+    return state
+
+
+def _as_state_dict(state: Mapping, path: str | Path, where: str) -> dict[str, Tensor]:
+    bad = [
+        repr(key)
+        for key, value in state.items()
+        if not (isinstance(key, str) and isinstance(value, Tensor))
+    ]
+    if bad:
+        raise CheckpointError(
+            f"State dict{where} in {path} has entries that are not named tensors: {_listing(bad)}."
+        )
+    return dict(state)
+
+
+def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
+    return key in ignore or key.rsplit(".", 1)[-1] in ignore
+
+
+def _listing(items: Iterable[str]) -> str:
+    items = list(items)
+    shown = ", ".join(items[:_MAX_LISTED])
+    rest = len(items) - _MAX_LISTED
+    return f"{shown}, ... and {rest} more" if rest > 0 else shown
+
+
+def _torch_reason(error: Exception) -> str:
+    """The line of torch's message naming the refused object (the rest advises unsafe loading)."""
+    message = _ANSI.sub("", str(error))
+    for line in message.splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.strip()
+    return message.strip()
