@@ -35,3 +35,18 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype={name} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def call_target(node, exclude: tuple[str, ...] = (), **kwargs):
+    """Call a config node's `_target_` with its fields (minus `exclude`) and `kwargs`.
+
+    Unlike `hydra.utils.instantiate`, errors reach the caller unwrapped, so a missing checkpoint or a
+    bad budget surfaces as its own exception with its own message.
+    """
+    from hydra.utils import get_object
+
+    fields = OmegaConf.to_container(node, resolve=True) if not isinstance(node, dict) else dict(node)
+    target = get_object(fields.pop("_target_"))
+    for key in exclude:
+        fields.pop(key, None)
+    return target(**{**fields, **kwargs})  # run-level values (e.g. sampling) override the node's defaults

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from lineareval.cache import CachePolicy
-from lineareval.config import resolve_device, resolve_dtype
+from lineareval.config import call_target, resolve_device, resolve_dtype
 from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory
 from lineareval.record import (RunRecord, environment_info, is_finished, load_record, save_record,
@@ -37,8 +36,13 @@ class RunConflictError(RuntimeError):
 
 def build_policy(cache_cfg: DictConfig) -> CachePolicy:
     """Instantiate `conf/cache/<name>.yaml`; `name` labels the record and is not a policy field."""
-    fields = {key: value for key, value in OmegaConf.to_container(cache_cfg, resolve=True).items() if key != "name"}
-    return instantiate(fields)
+    return call_target(cache_cfg, exclude=("name",))
+
+
+def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
+    """The model adapter of `conf/model/<name>.yaml`, with the run's sampling and weights choices."""
+    return call_target(cfg.model, sampling=OmegaConf.to_container(cfg.sampling, resolve=True), weights=cfg.weights,
+                       weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype, seed=cfg.seed)
 
 
 def _existing_result(run_dir: Path, resolved: dict) -> dict | None:
@@ -77,14 +81,12 @@ def run(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     policy = build_policy(cfg.cache)
-    generator = instantiate(cfg.model, _convert_="all", sampling=resolved["sampling"], weights=cfg.weights,
-                            weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype,
-                            seed=cfg.seed)
+    generator = build_generator(cfg, device, dtype)
     layout = generator.layout
     budget = keep.budget(layout.num_visual)
     check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=cfg.cache.name,
                  model=cfg.model.name)
-    benchmark = instantiate({k: v for k, v in resolved["benchmark"].items() if k != "name"})
+    benchmark = call_target(cfg.benchmark, exclude=("name",))
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 

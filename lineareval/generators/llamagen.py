@@ -103,6 +103,8 @@ def _initialise_random(gpt: LlamaGen, vq: VQModel, seed: int) -> None:
                 parameter.data.fill_(1.0)
             else:
                 parameter.data.zero_()
+    for buffer in vq.buffers():
+        buffer.zero_()  # codebook-usage statistics: unused at inference
     codebook = vq.quantize.embedding.weight.data
     codebook.copy_(torch.nn.functional.normalize(codebook, dim=-1))
 
@@ -113,26 +115,25 @@ def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq
                     download: bool = True, seed: int = 0, **gpt_fields) -> LlamaGenGenerator:
     """Build from a `conf/model/llamagen*.yaml` block; load official files unless `weights=random`."""
     config = LlamaGenConfig(**gpt_fields)
-    with torch.device("meta"):
-        gpt, tokenizer = LlamaGen(config), VQModel(VQConfig(**vq))
-    gpt.to_empty(device="cpu")
-    tokenizer.to_empty(device="cpu")
-    files: list[str] = []
-    if weights == "random":
-        log.warning("model %s uses RANDOM weights (weights=random): speed benchmarks only", name)
-        _initialise_random(gpt, tokenizer, seed)
-    elif weights == "checkpoint":
+    if weights not in ("checkpoint", "random"):
+        raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
+    paths: list[Path] = []
+    if weights == "checkpoint":
         if not (gpt_file or gpt_ckpt) or not (vq_file or vq_ckpt):
             raise FileNotFoundError(f"model {name} has no released checkpoint; set model.gpt_ckpt=PATH and "
                                     "model.vq_ckpt=PATH, or choose weights=random (random weights, speed only)")
-        wanted = [WeightFile(gpt_file or Path(gpt_ckpt).name, hub_repo, gpt_ckpt),
-                  WeightFile(vq_file or Path(vq_ckpt).name, hub_repo, vq_ckpt)]
-        gpt_path, vq_path = resolve_weight_files(wanted, weights_dir, download=download)
-        for module, path in ((gpt, gpt_path), (tokenizer, vq_path)):
-            load_into(module, extract_model_state(load_state_dict_file(path), path), source=str(path))
-            files.append(str(path))
-    else:
-        raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
+        wanted = [WeightFile(gpt_file or Path(gpt_ckpt).name, hub_repo, gpt_ckpt, "model.gpt_ckpt"),
+                  WeightFile(vq_file or Path(vq_ckpt).name, hub_repo, vq_ckpt, "model.vq_ckpt")]
+        paths = resolve_weight_files(wanted, weights_dir, download=download)  # fails before any allocation
+    with torch.device("meta"):
+        gpt, tokenizer = LlamaGen(config), VQModel(VQConfig(**vq))
+    gpt.to_empty(device="cpu")  # no initialisation work: every tensor is loaded or initialised below
+    tokenizer.to_empty(device="cpu")
+    if weights == "random":
+        log.warning("model %s uses RANDOM weights (weights=random): speed benchmarks only", name)
+        _initialise_random(gpt, tokenizer, seed)
+    for module, path in zip((gpt, tokenizer), paths):
+        load_into(module, extract_model_state(load_state_dict_file(path), path), source=str(path))
     gpt.to(device=device, dtype=dtype).eval()
     tokenizer.to(device=device).eval()  # the tokenizer decodes in fp32, as the official sampler
-    return LlamaGenGenerator(name, gpt, tokenizer, SamplingConfig(**sampling), weights, files)
+    return LlamaGenGenerator(name, gpt, tokenizer, SamplingConfig(**sampling), weights, [str(p) for p in paths])

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real Hydra config composed with test overrides, and tiny random LlamaGens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from lineareval.config import register_resolvers
+from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CACHE_CONFIGS = sorted(path.stem for path in (CONF_DIR / "cache").glob("*.yaml"))
+MODEL_CONFIGS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
+
+
+@pytest.fixture
+def make_config(tmp_path, monkeypatch):
+    """Compose conf/config.yaml with overrides; outputs go under tmp_path, the hub is offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    register_resolvers()
+
+    def _compose(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            return compose("config", overrides=[f"output_root={tmp_path / 'outputs'}",
+                                                f"weights_dir={tmp_path / 'weights'}", *overrides])
+
+    return _compose
+
+
+def tiny_llamagen(grid: int = 8, layers: int = 2, heads: int = 4, dim: int = 64, vocab: int = 256,
+                  seed: int = 0, std: float = 0.2) -> LlamaGen:
+    """A random LlamaGen with a grid x grid layout; large init std so attention is far from uniform."""
+    torch.manual_seed(seed)
+    model = LlamaGen(LlamaGenConfig(dim=dim, n_layer=layers, n_head=heads, vocab_size=vocab, num_classes=10,
+                                    image_size=16 * grid, downsample_size=16))
+    for name, parameter in model.named_parameters():
+        if parameter.dim() > 1:
+            parameter.data.normal_(0.0, std)
+    return model.eval()

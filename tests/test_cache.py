@@ -1,0 +1,265 @@
+"""Every policy in conf/cache/ against an oracle, plus the invariants each policy promises.
+
+The oracle: a policy's logits at every step must equal those of a cache-free forward over the whole
+sequence whose attention hides exactly the tokens the policy had evicted at that step, in that layer,
+head and sequence. Scores are checked against attention probabilities computed from that forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from conftest import CACHE_CONFIGS, tiny_llamagen
+from lineareval.cache import CachePolicy, EvictAt
+from lineareval.keep import parse_keep
+from lineareval.runner import build_policy
+
+KEEPS = ["1/4", 21]  # a whole number of lines (16 of 64 tokens) and a budget that is not
+
+
+@dataclass
+class Trace:
+    """What a policy run did: logits per step, visibility per step and layer, scores per eviction."""
+
+    logits: torch.Tensor  # (S, N, V)
+    visible: list[list[torch.Tensor]]  # [step][layer] (S, H, P + N) at attention time
+    after: list[list[torch.Tensor]]  # [step][layer] after the step's eviction
+    scored: list[dict] = field(default_factory=list)  # one per (eviction, layer)
+    capacity: int = 0
+    occupancy: list[int] = field(default_factory=list)
+
+
+def record_scores(policy: CachePolicy, scored: list[dict]) -> None:
+    """Wrap `policy.score` to capture the scores it returned and the slots' positions."""
+    original = policy.score
+
+    def score(layer, context):
+        scores = original(layer, context)
+        scored.append({"scores": scores.clone(), "positions": layer.positions[:, :, : scores.shape[-1]].clone(),
+                       "valid": layer.valid[:, :, : scores.shape[-1]].clone(), "step": context.visual_index})
+        return scores
+
+    object.__setattr__(policy, "score", score)
+
+
+@torch.inference_mode()
+def run_policy(model, policy: CachePolicy, budget: int, labels: torch.Tensor, tokens: torch.Tensor) -> Trace:
+    layout = model.layout
+    scored: list[dict] = []
+    record_scores(policy, scored)
+    cache = model.new_cache(policy, budget, len(labels))
+    logits, visible, after, occupancy = [model.prefill(labels, cache)], [], [], []
+    for index in range(layout.num_visual - 1):
+        before = cache.visible_positions()
+        logits.append(model.decode(tokens[:, index], index, cache))
+        for layer_map in before:
+            layer_map[..., layout.prefix_len + index] = True
+        visible.append(before)
+        after.append(cache.visible_positions())
+        occupancy.append([int(layer.valid.sum(-1).max()) for layer in cache.layers])
+        assert all(int(layer.valid.sum(-1).min()) == cache.state.occupancy for layer in cache.layers)
+    return Trace(torch.stack(logits, 1), visible, after, scored, cache.state.capacity, occupancy)
+
+
+def oracle_masks(trace: Trace, prefix: int) -> list[torch.Tensor]:
+    """Per layer (S, H, T, T) masks for the teacher-forced forward over T = P + N - 1 positions."""
+    steps, layers = len(trace.visible), len(trace.visible[0])
+    length = prefix + steps
+    masks = []
+    for layer in range(layers):
+        rows = [torch.tril(torch.ones(prefix, length, dtype=torch.bool)).expand(*trace.visible[0][0].shape[:2], -1, -1)]
+        rows += [trace.visible[step][layer][..., None, :length] for step in range(steps)]
+        masks.append(torch.cat(rows, dim=2))
+    return masks
+
+
+@torch.inference_mode()
+def attention_probabilities(model, labels, tokens, masks) -> list[torch.Tensor]:
+    """Explicit softmax(q k^T / sqrt(d)) per layer under `masks`, from the cache-free forward."""
+    inputs = []
+    hooks = [layer.attention.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0], args[1])))
+             for layer in model.layers]
+    model(labels, tokens, masks)
+    for hook in hooks:
+        hook.remove()
+    probabilities = []
+    for (attention, x, rope), mask in zip(inputs, masks):
+        q, k, _ = attention.project(x, rope)
+        logits = (q @ k.transpose(-1, -2)) / attention.head_dim**0.5
+        probabilities.append(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1))
+    return probabilities
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llamagen(grid=8)
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.tensor([3, 7, 10, 10])  # two conditional rows and two null-class rows, as in CFG
+    tokens = torch.randint(0, model.config.vocab_size, (4, model.layout.num_visual), generator=generator)
+    return model, labels, tokens
+
+
+def cases():
+    for name in CACHE_CONFIGS:
+        for keep in (["1"] if name == "full" else KEEPS):
+            yield pytest.param(name, keep, id=f"{name}-{keep}")
+
+
+@pytest.fixture
+def policy_factory(make_config):
+    return lambda name, *overrides: build_policy(make_config(f"cache={name}", *overrides).cache)
+
+
+@pytest.mark.parametrize("name, keep", list(cases()))
+def test_policy_equals_full_cache_with_evicted_tokens_masked(setup, policy_factory, name, keep):
+    model, labels, tokens = setup
+    layout = model.layout
+    budget = parse_keep(keep).budget(layout.num_visual)
+    policy = policy_factory(name)
+    trace = run_policy(model, policy, budget, labels, tokens)
+    oracle = model(labels, tokens[:, :-1], oracle_masks(trace, layout.prefix_len))
+    torch.testing.assert_close(trace.logits, oracle, rtol=1e-4, atol=1e-4)
+    unmasked = model(labels, tokens[:, :-1])
+    if policy.evicts_at is EvictAt.NEVER:
+        torch.testing.assert_close(trace.logits, unmasked, rtol=1e-4, atol=1e-4)
+    else:  # the comparison is not vacuous: eviction changed the logits
+        assert (trace.logits - unmasked).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name, keep", list(cases()))
+def test_invariants(setup, policy_factory, name, keep):
+    model, labels, tokens = setup
+    layout = model.layout
+    prefix, n = layout.prefix_len, layout.line_len
+    budget = parse_keep(keep).budget(layout.num_visual)
+    policy = policy_factory(name)
+    trace = run_policy(model, policy, budget, labels, tokens)
+    assert max(max(step) for step in trace.occupancy) <= trace.capacity
+    assert trace.capacity == prefix + min(layout.num_visual, budget + policy.slack(layout))
+    for step, (during, after) in enumerate(zip(trace.visible, trace.after)):
+        for layer_during, layer_after in zip(during, after):
+            visual = layer_after[..., prefix:].sum(-1)
+            assert layer_after[..., :prefix].all(), "prefix evicted"
+            assert (visual <= budget + (n - 1 if policy.evicts_at is EvictAt.LINE_END else 0)).all()
+            assert (visual == visual.flatten()[0]).all(), "budgets are uniform over sequences and heads"
+            if policy.evicts_at is EvictAt.LINE_END and not layout.is_line_end(step):
+                assert torch.equal(layer_during, layer_after), "evicted away from a line end"
+            if policy.evicts_at is EvictAt.LINE_END and layout.is_line_end(step):
+                assert (visual == min(budget, step + 1)).all()
+            if policy.evicts_at is EvictAt.STEP:
+                assert (visual == min(budget, step + 1)).all()
+    check_policy_specifics(policy, trace, layout, budget)
+
+
+def check_policy_specifics(policy, trace: Trace, layout, budget: int) -> None:
+    prefix, n = layout.prefix_len, layout.line_len
+    for step, maps in enumerate(trace.after):
+        seen = prefix + step + 1  # positions written so far
+        for layer_map in maps:
+            if policy.name == "window":
+                expected = torch.zeros_like(layer_map[0, 0])
+                expected[:prefix] = True
+                expected[max(prefix, seen - budget):seen] = True
+                assert (layer_map == expected).all()
+            if policy.name == "streamingllm":
+                assert layer_map[..., prefix:prefix + min(policy.sinks, step + 1)].all(), "sink evicted"
+            if policy.name == "linear":
+                anchors = policy.anchor_tokens(layout)
+                assert layer_map[..., prefix:prefix + min(anchors, step + 1)].all(), "anchor evicted"
+                if layout.is_line_end(step):
+                    recent = policy.recent_lines * n
+                    assert layer_map[..., max(prefix, seen - recent):seen].all(), "recent line evicted"
+            if policy.name == "h2o":
+                recent = policy.recent(budget)
+                assert layer_map[..., max(prefix, seen - recent):seen].all(), "h2o recent window evicted"
+
+
+@pytest.mark.parametrize("name", [name for name in CACHE_CONFIGS if name != "full"])
+def test_evicts_the_lowest_scores(setup, policy_factory, name):
+    """At every eviction, each evicted slot scored no higher than any slot the policy kept."""
+    model, labels, tokens = setup
+    budget = 16
+    trace = run_policy(model, policy_factory(name), budget, labels, tokens)
+    layers = len(trace.after[0])
+    assert trace.scored, "the policy never evicted"
+    for number, event in enumerate(trace.scored):
+        step, layer = event["step"], number % layers
+        kept_map = trace.after[step][layer]
+        kept = torch.gather(kept_map, 2, event["positions"].clamp(min=0)) & event["valid"]
+        evicted = event["valid"] & ~kept
+        candidates = event["scores"].masked_fill(~event["valid"] | (event["positions"] < model.layout.prefix_len),
+                                                 float("inf"))
+        highest_evicted = candidates.masked_fill(~evicted, float("-inf")).amax(-1)
+        lowest_kept = candidates.masked_fill(~kept, float("inf")).amin(-1)
+        assert (highest_evicted <= lowest_kept).all()
+        assert torch.isinf(candidates.masked_fill(~evicted, float("inf"))).logical_not().any(-1).all(), \
+            "every eviction removed at least one unprotected slot"
+
+
+@pytest.mark.parametrize("score_source", ["line", "last_token", "cumulative"])
+def test_linear_scores_are_inter_line_attention(setup, policy_factory, score_source):
+    """LineAR's line-end scores equal the attention the line's queries gave each token (oracle forward)."""
+    model, labels, tokens = setup
+    prefix, n = model.layout.prefix_len, model.layout.line_len
+    trace = run_policy(model, policy_factory("linear", f"cache.score_source={score_source}"), 16, labels, tokens)
+    masks = oracle_masks(trace, prefix)
+    probabilities = attention_probabilities(model, labels, tokens[:, :-1], masks)
+    layers = len(probabilities)
+    for number, event in enumerate(trace.scored):
+        step, layer = event["step"], number % layers
+        rows = probabilities[layer][:, :, prefix + step - n + 1: prefix + step + 1]  # (S, H, n, T)
+        if score_source == "line":
+            expected_by_position = rows.mean(2)
+        elif score_source == "last_token":
+            expected_by_position = rows[:, :, -1]
+        else:  # every query so far, while the token was in the cache
+            expected_by_position = probabilities[layer][:, :, prefix: prefix + step + 1].sum(2)
+        positions = event["positions"].clamp(min=0)
+        expected = torch.gather(expected_by_position, 2, positions)
+        first_recent = prefix + step + 1 - n
+        middle = event["valid"] & (positions >= prefix + n) & (positions < first_recent)
+        assert middle.any()
+        torch.testing.assert_close(event["scores"][middle], expected[middle], rtol=1e-4, atol=1e-6)
+
+
+def test_h2o_scores_are_accumulated_attention(setup, policy_factory):
+    model, labels, tokens = setup
+    prefix = model.layout.prefix_len
+    trace = run_policy(model, policy_factory("h2o"), 16, labels, tokens)
+    probabilities = attention_probabilities(model, labels, tokens[:, :-1], oracle_masks(trace, prefix))
+    layers = len(probabilities)
+    for number, event in enumerate(trace.scored):
+        step, layer = event["step"], number % layers
+        received = probabilities[layer][:, :, prefix: prefix + step + 1].sum(2)  # decode queries only
+        positions = event["positions"].clamp(min=0)
+        visual = event["valid"] & (positions >= prefix) & torch.isfinite(event["scores"])
+        torch.testing.assert_close(event["scores"][visual], torch.gather(received, 2, positions)[visual],
+                                   rtol=1e-4, atol=1e-6)
+
+
+def test_selection_is_independent_per_sequence_and_head(setup, policy_factory):
+    model, labels, tokens = setup
+    trace = run_policy(model, policy_factory("linear"), 24, labels, tokens)  # 8 middle tokens to choose
+    final = trace.after[-1][0]  # (S, H, P + N)
+    assert not torch.equal(final[0], final[2]), "cond and uncond rows kept the same tokens"
+    assert not torch.equal(final[0, 0], final[0, 1]), "two heads kept the same tokens"
+
+
+def test_window_with_keep_1_equals_full(setup, policy_factory):
+    model, labels, tokens = setup
+    full = run_policy(model, policy_factory("full"), 64, labels, tokens)
+    window = run_policy(model, policy_factory("window"), 64, labels, tokens)
+    assert torch.equal(full.logits, window.logits)
+    assert window.capacity == full.capacity == 65
+
+
+def test_compressed_capacity_follows_the_budget(setup, policy_factory):
+    model, _, _ = setup
+    layout = model.layout
+    full = model.new_cache(policy_factory("full"), 64, 2)
+    linear = model.new_cache(policy_factory("linear"), 16, 2)
+    assert full.state.capacity == 1 + 64 and linear.state.capacity == 1 + 16 + layout.line_len
+    assert linear.capacity_bytes() < 0.5 * full.capacity_bytes()
