@@ -1,0 +1,102 @@
+"""Side-by-side cost of cache policies: one process, one model, the same batch and the same labels.
+
+    python scripts/compare_policies.py model=llamagen_b weights=random batch_size=4 keep=1/6 \
+        --policies full,window,streamingllm,h2o,linear --out results/cpu_llamagen_b_keep1_6.csv
+
+Arguments without dashes are Hydra overrides of conf/config.yaml. `full` always runs at keep=1; every
+other policy at the given keep. Reports generation time (warm-up excluded when --warmup > 0), KV-cache
+bytes (allocated and high-water) and peak memory (CUDA allocator peak, or CPU RSS increase over the
+loaded model), and ratios against `full`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+
+from lineareval.config import register_resolvers, resolve_device, resolve_dtype
+from lineareval.keep import check_budget, parse_keep
+from lineareval.memory import PeakMemory
+from lineareval.record import environment_info
+from lineareval.runner import build_generator, build_policy
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def measure(generator, policy, budget: int, labels, ids, seed: int, device) -> dict:
+    """Generate one batch under `policy`; time, cache bytes and peak memory."""
+    with PeakMemory(device) as memory:
+        cache = generator.new_cache(policy, budget, len(ids))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        generator.generate(labels, ids, cache, seed)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - began
+    peak = memory.peak_bytes if device.type == "cuda" else memory.peak_increase_bytes
+    return {"generation_s": seconds, "kv_cache_capacity_bytes": cache.capacity_bytes(),
+            "kv_cache_high_water_bytes": cache.high_water_bytes(), "peak_memory_bytes": peak,
+            "peak_memory_method": memory.method}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--policies", default="full,window,streamingllm,h2o,linear")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed generations before the timed ones")
+    parser.add_argument("--out", type=Path, help="CSV to write (a JSON with the environment goes beside it)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("config", overrides=args.overrides)
+        policies = {name: compose("config", overrides=[*args.overrides, f"cache={name}"]).cache
+                    for name in args.policies.split(",")}
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    generator = build_generator(cfg, device, dtype)
+    layout = generator.layout
+    ids = torch.arange(cfg.batch_size, device=device)
+    labels = torch.randint(0, generator.num_classes, (cfg.batch_size,), generator=torch.Generator().manual_seed(0))
+    labels = labels.to(device)
+    rows = []
+    for name, cache_cfg in policies.items():
+        keep = parse_keep(1 if name == "full" else cfg.keep)
+        budget = keep.budget(layout.num_visual)
+        policy = build_policy(cache_cfg)
+        check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name, model=cfg.model.name)
+        for _ in range(args.warmup):
+            measure(generator, policy, budget, labels, ids, cfg.seed, device)
+        row = {"model": cfg.model.name, "cache": name, "keep": keep.text, "visual_budget": budget,
+               "batch_size": cfg.batch_size, **measure(generator, policy, budget, labels, ids, cfg.seed, device)}
+        logging.info("%-13s %.2f s", name, row["generation_s"])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    full = table[table.cache == "full"].iloc[0] if (table.cache == "full").any() else None
+    if full is not None:
+        table["speedup"] = full.generation_s / table.generation_s
+        table["kv_saving"] = 1 - table.kv_cache_capacity_bytes / full.kv_cache_capacity_bytes
+        table["peak_saving"] = 1 - table.peak_memory_bytes / full.peak_memory_bytes
+    table["images_per_s"] = table.batch_size / table.generation_s
+    table["tokens_per_s"] = table.images_per_s * layout.num_visual
+    environment = environment_info(device)
+    print(f"# {cfg.model.name}, weights={cfg.weights}, dtype={str(dtype).removeprefix('torch.')}, "
+          f"device: {environment['device_name']}, batch {cfg.batch_size} images "
+          f"({generator.sequences(cfg.batch_size)} sequences with CFG)")
+    print(table.drop(columns=["model", "peak_memory_method"]).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.assign(device_name=environment["device_name"], weights=cfg.weights,
+                     dtype=str(dtype).removeprefix("torch."), git_commit=environment["git_commit"]).to_csv(
+            args.out, index=False)
+
+
+if __name__ == "__main__":
+    main()
