@@ -77,6 +77,9 @@ def run(cfg: DictConfig) -> dict:
     if not cfg.force and (record := _existing_result(run_dir, resolved)) is not None:
         log.info("%s is finished; skipping (force=true reruns it)", run_dir)
         return record
+    for field in ("num_samples", "batch_size"):
+        if not isinstance(cfg[field], int) or cfg[field] < 1:
+            raise ValueError(f"{field} must be a positive integer, got {cfg[field]!r}")
     keep = parse_keep(cfg.keep)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from lineareval.config import register_resolvers
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
+from lineareval.runner import build_policy
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CACHE_CONFIGS = sorted(path.stem for path in (CONF_DIR / "cache").glob("*.yaml"))
@@ -29,6 +30,12 @@ def make_config(tmp_path, monkeypatch):
                                                 f"weights_dir={tmp_path / 'weights'}", *overrides])
 
     return _compose
+
+
+@pytest.fixture
+def policy_factory(make_config):
+    """A policy built from conf/cache/<name>.yaml with optional overrides, as the runner builds it."""
+    return lambda name, *overrides: build_policy(make_config(f"cache={name}", *overrides).cache)
 
 
 def tiny_llamagen(grid: int = 8, layers: int = 2, heads: int = 4, dim: int = 64, vocab: int = 256,

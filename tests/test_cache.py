@@ -15,7 +15,6 @@ import torch
 from conftest import CACHE_CONFIGS, tiny_llamagen
 from lineareval.cache import CachePolicy, EvictAt
 from lineareval.keep import parse_keep
-from lineareval.runner import build_policy
 
 KEEPS = ["1/4", 21]  # a whole number of lines (16 of 64 tokens) and a budget that is not
 
@@ -106,11 +105,6 @@ def cases():
     for name in CACHE_CONFIGS:
         for keep in (["1"] if name == "full" else KEEPS):
             yield pytest.param(name, keep, id=f"{name}-{keep}")
-
-
-@pytest.fixture
-def policy_factory(make_config):
-    return lambda name, *overrides: build_policy(make_config(f"cache={name}", *overrides).cache)
 
 
 @pytest.mark.parametrize("name, keep", list(cases()))

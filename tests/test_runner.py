@@ -17,7 +17,7 @@ from lineareval.keep import BudgetError
 from lineareval.runner import RunConflictError, run
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ("weights=random", "num_samples=3", "batch_size=2", "grid_images=3")
+SMALL = ("weights=random", "num_samples=3", "batch_size=2", "grid_images=3", "model.image_size=128")  # 8x8 tokens
 
 
 def test_run_writes_the_run_folder(make_config, tmp_path):
@@ -26,17 +26,17 @@ def test_run_writes_the_run_folder(make_config, tmp_path):
     run_dir = Path(cfg.run_dir)
     assert run_dir == tmp_path / "outputs/samples/llamagen_tiny/linear/keep-1_4/random/seed-0"
     tokens = np.load(run_dir / "tokens.npz")
-    assert tokens["tokens"].shape == (3, 256) and tokens["tokens"].dtype == np.int64
+    assert tokens["tokens"].shape == (3, 64) and tokens["tokens"].dtype == np.int64
     assert tokens["labels"].shape == (3,)
     samples = np.load(run_dir / "samples.npz")
-    assert samples["arr_0"].shape == (3, 256, 256, 3) and samples["arr_0"].dtype == np.uint8
-    assert Image.open(run_dir / "samples.png").size == (2 * 256 + 3 * 2, 2 * 256 + 3 * 2)
+    assert samples["arr_0"].shape == (3, 128, 128, 3) and samples["arr_0"].dtype == np.uint8
+    assert Image.open(run_dir / "samples.png").size == (2 * 128 + 3 * 2, 2 * 128 + 3 * 2)
     stored = json.loads((run_dir / "metrics.json").read_text())
     assert stored == json.loads(json.dumps(record))
-    assert stored["keep"] == "1/4" and stored["visual_budget"] == 64 and stored["weights"] == "random"
+    assert stored["keep"] == "1/4" and stored["visual_budget"] == 16 and stored["weights"] == "random"
     assert stored["weights_files"] == [] and stored["cache"] == "linear" and stored["batch_size"] == 2
     assert 0 < stored["kv_cache_high_water_bytes"] <= stored["kv_cache_capacity_bytes"]
-    assert stored["latency_s_per_batch"] > 0 and stored["tokens_per_s"] == pytest.approx(256 * stored["images_per_s"])
+    assert stored["latency_s_per_batch"] > 0 and stored["tokens_per_s"] == pytest.approx(64 * stored["images_per_s"])
     assert stored["policy"] == {"anchors": "line", "recent_lines": 1, "score_source": "line"}
     assert stored["peak_memory_method"] == "cpu_rss_poll" and "torch" in stored["versions"]
 
@@ -63,24 +63,25 @@ def test_a_different_config_in_a_finished_run_dir_is_an_error(make_config):
 def test_paired_samples_full_and_compressed(make_config):
     """Same seed, same labels: a compressed run is paired sample by sample with the full run."""
     full = make_config(*SMALL, "decode_images=false")
-    linear = make_config(*SMALL, "decode_images=false", "cache=linear", "keep=1/2")
+    linear = make_config(*SMALL, "decode_images=false", "cache=linear", "keep=1/4")
     run(full), run(linear)
     tokens_full = np.load(Path(full.run_dir) / "tokens.npz")
     tokens_linear = np.load(Path(linear.run_dir) / "tokens.npz")
     assert np.array_equal(tokens_full["labels"], tokens_linear["labels"])
-    assert np.array_equal(tokens_full["tokens"][:, :128], tokens_linear["tokens"][:, :128])  # before any eviction
+    # B = 16: the first eviction follows the line end after token 23, so earlier tokens are shared
+    assert np.array_equal(tokens_full["tokens"][:, :24], tokens_linear["tokens"][:, :24])
     assert not np.array_equal(tokens_full["tokens"], tokens_linear["tokens"])
 
 
 def test_budget_below_the_policy_minimum_stops_before_generating(make_config):
-    cfg = make_config(*SMALL, "cache=linear", "keep=1/16")  # 16 tokens; LineAR needs 2 lines = 32
-    with pytest.raises(BudgetError, match=r"needs at least 32.*keep >= 1/8"):
+    cfg = make_config(*SMALL, "cache=linear", "keep=1/16")  # 4 tokens; LineAR needs 2 lines = 16
+    with pytest.raises(BudgetError, match=r"needs at least 16.*keep >= 1/4"):
         run(cfg)
     assert not Path(cfg.run_dir).exists()
 
 
 def test_full_cache_rejects_a_budget(make_config):
-    with pytest.raises(BudgetError, match="cache=full.*needs at least 256"):
+    with pytest.raises(BudgetError, match="cache=full.*needs at least 64"):
         run(make_config(*SMALL, "keep=1/2"))
 
 
@@ -110,5 +111,6 @@ def test_cli_without_weights_offline_says_what_is_missing(tmp_path):
 
 @pytest.mark.parametrize("keep", ["0", "1/0", "abc", "1.5", "-1"])
 def test_cli_rejects_bad_keep_with_the_accepted_range(tmp_path, keep):
-    result = cli("weights=random", "cache=window", f"keep={keep}", "num_samples=1", tmp_path=tmp_path)
+    result = cli("weights=random", "cache=window", f"keep={keep}", "num_samples=1", "model.image_size=128",
+                 tmp_path=tmp_path)
     assert result.returncode == 2 and "fraction in (0, 1]" in result.stderr + result.stdout
