@@ -20,13 +20,13 @@ MODEL_CONFIGS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml")
 
 @pytest.fixture
 def make_config(tmp_path, monkeypatch):
-    """Compose conf/config.yaml with overrides; outputs go under tmp_path, the hub is offline."""
+    """Compose conf/config.yaml with overrides; CPU unless overridden, outputs under tmp_path, hub offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     register_resolvers()
 
     def _compose(*overrides: str) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose("config", overrides=[f"output_root={tmp_path / 'outputs'}",
+            return compose("config", overrides=[f"output_root={tmp_path / 'outputs'}", "device=cpu",
                                                 f"weights_dir={tmp_path / 'weights'}", *overrides])
 
     return _compose

@@ -69,7 +69,9 @@ def oracle_masks(trace: Trace, prefix: int) -> list[torch.Tensor]:
     length = prefix + steps
     masks = []
     for layer in range(layers):
-        rows = [torch.tril(torch.ones(prefix, length, dtype=torch.bool)).expand(*trace.visible[0][0].shape[:2], -1, -1)]
+        first = trace.visible[0][0]
+        rows = [torch.tril(torch.ones(prefix, length, dtype=torch.bool, device=first.device)).expand(
+            *first.shape[:2], -1, -1)]
         rows += [trace.visible[step][layer][..., None, :length] for step in range(steps)]
         masks.append(torch.cat(rows, dim=2))
     return masks

@@ -94,7 +94,8 @@ def test_every_model_and_cache_config_composes(make_config, model, cache):
 
 
 def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), f"output_root={tmp_path}/outputs",
                            f"weights_dir={tmp_path}/weights", *args], capture_output=True, text=True, env=env,
                           timeout=300)

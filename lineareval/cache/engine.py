@@ -148,6 +148,7 @@ class LayerKV:
         self.positions.scatter_(2, victims, -1)
 
     def end_step(self) -> None:
+        """Release the step's cached line probabilities ((S, H, n, W) fp32: large at big batches)."""
         self._line_probs = None
 
 
@@ -193,18 +194,18 @@ class KVCache:
         elif policy.evicts_at is EvictAt.NEVER:
             scoring_point = False
         excess = state.visual_count - self.budget
-        if scoring_point:
-            context = EvictionContext(self.layout, self.budget, state.visual_index)
-            for layer in self.layers:
-                policy.observe(layer, context)
-                if excess > 0:
-                    layer.evict(policy.score(layer, context), excess)
-            if excess > 0:
-                state.visual_count -= excess
-                state.occupancy -= excess
-                state.evictions += 1
+        if not scoring_point:
+            return
+        context = EvictionContext(self.layout, self.budget, state.visual_index)
         for layer in self.layers:
-            layer.end_step()
+            policy.observe(layer, context)
+            if excess > 0:
+                layer.evict(policy.score(layer, context), excess)
+            layer.end_step()  # drop this layer's line probabilities before the next layer computes its own
+        if excess > 0:
+            state.visual_count -= excess
+            state.occupancy -= excess
+            state.evictions += 1
 
     # ---- accounting ----------------------------------------------------------------------------
 
