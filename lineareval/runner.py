@@ -22,8 +22,7 @@ from lineareval.cache import CachePolicy
 from lineareval.config import call_target, resolve_device, resolve_dtype
 from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory
-from lineareval.record import (RunRecord, environment_info, is_finished, load_record, save_record,
-                               write_json_atomic, write_npz_atomic)
+from lineareval.record import RunRecord, environment_info, is_finished, load_record, save_record, write_npz_atomic
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +62,26 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_generation(generator, policy: CachePolicy, budget: int, labels: torch.Tensor, sample_ids: torch.Tensor,
+                     seed: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Generate one batch in a fresh cache; returns tokens (B, N) and its cost.
+
+    Peak memory covers the cache allocation and the whole generation: the CUDA allocator's peak
+    (weights included), or on CPU the RSS increase over the loaded model.
+    """
+    with PeakMemory(device) as memory:
+        cache = generator.new_cache(policy, budget, len(sample_ids))
+        _synchronize(device)
+        began = time.perf_counter()
+        tokens = generator.generate(labels, sample_ids, cache, seed)
+        _synchronize(device)
+        seconds = time.perf_counter() - began
+    return tokens, {"generation_s": seconds, "kv_cache_capacity_bytes": cache.capacity_bytes(),
+                    "kv_cache_high_water_bytes": cache.high_water_bytes(),
+                    "peak_memory_bytes": memory.peak_bytes if device.type == "cuda" else memory.peak_increase_bytes,
+                    "peak_memory_method": memory.method}
+
+
 def save_grid(images: np.ndarray, path: Path, count: int) -> None:
     """PNG grid of the first `count` images (uint8 [n, H, W, 3])."""
     shown = torch.from_numpy(images[:count]).permute(0, 3, 1, 2)
@@ -95,24 +114,14 @@ def run(cfg: DictConfig) -> dict:
 
     sample_ids = torch.arange(cfg.num_samples)
     labels = benchmark.conditions(sample_ids, cfg.seed, generator.num_classes)
-    all_tokens, all_images, latencies = [], [], []
-    capacity_bytes = high_water_bytes = peak_bytes = 0
+    all_tokens, all_images, costs = [], [], []
     progress = tqdm(total=cfg.num_samples, desc=f"{cfg.model.name} {cfg.cache.name} keep={keep.text}", unit="img")
     with progress:
         for start in range(0, cfg.num_samples, cfg.batch_size):
             ids = sample_ids[start:start + cfg.batch_size].to(device)
             batch_labels = labels[start:start + cfg.batch_size].to(device)
-            with PeakMemory(device) as memory:
-                cache = generator.new_cache(policy, budget, len(ids))
-                _synchronize(device)
-                began = time.perf_counter()
-                tokens = generator.generate(batch_labels, ids, cache, cfg.seed)
-                _synchronize(device)
-                latencies.append(time.perf_counter() - began)
-            capacity_bytes = max(capacity_bytes, cache.capacity_bytes())
-            high_water_bytes = max(high_water_bytes, cache.high_water_bytes())
-            peak_bytes = max(peak_bytes, memory.peak_bytes if device.type == "cuda" else memory.peak_increase_bytes)
-            del cache
+            tokens, cost = timed_generation(generator, policy, budget, batch_labels, ids, cfg.seed, device)
+            costs.append(cost)
             all_tokens.append(tokens.cpu())
             if cfg.decode_images:
                 all_images.append(generator.decode_images(tokens).cpu())
@@ -124,18 +133,19 @@ def run(cfg: DictConfig) -> dict:
         images = torch.cat(all_images).numpy()
         write_npz_atomic(run_dir / "samples.npz", arr_0=images)
         save_grid(images, run_dir / "samples.png", cfg.grid_images)
-    total_time = sum(latencies)
+    total_time = sum(cost["generation_s"] for cost in costs)
+    worst = {key: max(cost[key] for cost in costs)
+             for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
     record = RunRecord(
         model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budget,
         batch_size=cfg.batch_size, num_samples=cfg.num_samples, seed=cfg.seed, weights=cfg.weights,
         weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
-        peak_memory_bytes=peak_bytes, peak_memory_method=memory.method, kv_cache_capacity_bytes=capacity_bytes,
-        kv_cache_high_water_bytes=high_water_bytes, latency_s_per_batch=total_time / len(latencies),
+        peak_memory_method=costs[0]["peak_memory_method"], **worst, latency_s_per_batch=total_time / len(costs),
         generation_time_s=total_time, images_per_s=cfg.num_samples / total_time,
         tokens_per_s=cfg.num_samples * layout.num_visual / total_time, **environment_info(device),
         extra={"policy": policy.describe(), **benchmark.evaluate(run_dir)})
     save_record(record, run_dir)
     log.info("%s: %.2f images/s, KV cache %.1f MiB allocated, peak memory %.1f MiB (%s) -> %s",
-             cfg.cache.name, record.images_per_s, capacity_bytes / 2**20, peak_bytes / 2**20,
-             memory.method, run_dir)
+             cfg.cache.name, record.images_per_s, record.kv_cache_capacity_bytes / 2**20,
+             record.peak_memory_bytes / 2**20, record.peak_memory_method, run_dir)
     return record.to_dict()

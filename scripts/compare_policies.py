@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -22,28 +21,10 @@ from hydra import compose, initialize_config_dir
 
 from lineareval.config import register_resolvers, resolve_device, resolve_dtype
 from lineareval.keep import check_budget, parse_keep
-from lineareval.memory import PeakMemory
 from lineareval.record import environment_info
-from lineareval.runner import build_generator, build_policy
+from lineareval.runner import build_generator, build_policy, timed_generation
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-def measure(generator, policy, budget: int, labels, ids, seed: int, device) -> dict:
-    """Generate one batch under `policy`; time, cache bytes and peak memory."""
-    with PeakMemory(device) as memory:
-        cache = generator.new_cache(policy, budget, len(ids))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        began = time.perf_counter()
-        generator.generate(labels, ids, cache, seed)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - began
-    peak = memory.peak_bytes if device.type == "cuda" else memory.peak_increase_bytes
-    return {"generation_s": seconds, "kv_cache_capacity_bytes": cache.capacity_bytes(),
-            "kv_cache_high_water_bytes": cache.high_water_bytes(), "peak_memory_bytes": peak,
-            "peak_memory_method": memory.method}
 
 
 def main() -> None:
@@ -73,9 +54,10 @@ def main() -> None:
         policy = build_policy(cache_cfg)
         check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name, model=cfg.model.name)
         for _ in range(args.warmup):
-            measure(generator, policy, budget, labels, ids, cfg.seed, device)
+            timed_generation(generator, policy, budget, labels, ids, cfg.seed, device)
+        _, cost = timed_generation(generator, policy, budget, labels, ids, cfg.seed, device)
         row = {"model": cfg.model.name, "cache": name, "keep": keep.text, "visual_budget": budget,
-               "batch_size": cfg.batch_size, **measure(generator, policy, budget, labels, ids, cfg.seed, device)}
+               "batch_size": cfg.batch_size, **cost}
         logging.info("%-13s %.2f s", name, row["generation_s"])
         rows.append(row)
     table = pd.DataFrame(rows)
