@@ -1,6 +1,7 @@
 """The runner: conditions from the benchmark, samples from the generator under a policy, one record.
 
-Run folder contents: `config.yaml` (resolved), `tokens.npz` (`tokens` [n, N], `labels` [n]),
+Run folder contents: `config.yaml` (resolved), `tokens.npz` (`tokens` [n, N] plus `labels` [n] or
+`prompts`, `prompt_index`, `image_index`),
 `samples.npz` (ADM layout: `arr_0` uint8 [n, H, W, 3]), `samples.png` (a grid of the first samples),
 and `metrics.json`, written last: its presence marks the run finished.
 """
@@ -62,22 +63,22 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generation(generator, policy: CachePolicy, budget: int, labels: torch.Tensor, sample_ids: torch.Tensor,
+def timed_generation(generator, policy: CachePolicy, budget: int, conditions, sample_ids: torch.Tensor,
                      seed: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Generate one batch in a fresh cache; returns tokens (B, N) and its cost.
+    """Generate one batch (fresh caches); returns tokens (B, N) and its cost.
 
-    Peak memory covers the cache allocation and the whole generation: the CUDA allocator's peak
+    `conditions` are what the generator takes: class labels (B,) or prompts. Peak memory covers the
+    cache allocation and the whole generation: the CUDA allocator's peak
     (weights included), or on CPU the RSS increase over the loaded model.
     """
     with PeakMemory(device) as memory:
-        cache = generator.new_cache(policy, budget, len(sample_ids))
         _synchronize(device)
         began = time.perf_counter()
-        tokens = generator.generate(labels, sample_ids, cache, seed)
+        generation = generator.generate(conditions, sample_ids, policy, budget, seed)
         _synchronize(device)
         seconds = time.perf_counter() - began
-    return tokens, {"generation_s": seconds, "kv_cache_capacity_bytes": cache.capacity_bytes(),
-                    "kv_cache_high_water_bytes": cache.high_water_bytes(),
+    return generation.tokens, {"generation_s": seconds, "kv_cache_capacity_bytes": generation.capacity_bytes(),
+                    "kv_cache_high_water_bytes": generation.high_water_bytes(),
                     "peak_memory_bytes": memory.peak_bytes if device.type == "cuda" else memory.peak_increase_bytes,
                     "peak_memory_method": memory.method}
 
@@ -112,15 +113,13 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
-    sample_ids = torch.arange(cfg.num_samples)
-    labels = benchmark.conditions(sample_ids, cfg.seed, generator.num_classes)
+    samples = benchmark.samples(cfg, generator)
     all_tokens, all_images, costs = [], [], []
-    progress = tqdm(total=cfg.num_samples, desc=f"{cfg.model.name} {cfg.cache.name} keep={keep.text}", unit="img")
+    progress = tqdm(total=len(samples), desc=f"{cfg.model.name} {cfg.cache.name} keep={keep.text}", unit="img")
     with progress:
-        for start in range(0, cfg.num_samples, cfg.batch_size):
-            ids = sample_ids[start:start + cfg.batch_size].to(device)
-            batch_labels = labels[start:start + cfg.batch_size].to(device)
-            tokens, cost = timed_generation(generator, policy, budget, batch_labels, ids, cfg.seed, device)
+        for start in range(0, len(samples), cfg.batch_size):
+            ids, conditions = samples.batch(start, start + cfg.batch_size, device)
+            tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
             costs.append(cost)
             all_tokens.append(tokens.cpu())
             if cfg.decode_images:
@@ -128,7 +127,7 @@ def run(cfg: DictConfig) -> dict:
             progress.update(len(ids))
 
     tokens = torch.cat(all_tokens).numpy()
-    write_npz_atomic(run_dir / "tokens.npz", tokens=tokens, labels=labels.numpy())
+    write_npz_atomic(run_dir / "tokens.npz", tokens=tokens, **samples.arrays)
     if all_images:
         images = torch.cat(all_images).numpy()
         write_npz_atomic(run_dir / "samples.npz", arr_0=images)
@@ -138,11 +137,11 @@ def run(cfg: DictConfig) -> dict:
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
     record = RunRecord(
         model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budget,
-        batch_size=cfg.batch_size, num_samples=cfg.num_samples, seed=cfg.seed, weights=cfg.weights,
+        batch_size=cfg.batch_size, num_samples=len(samples), seed=cfg.seed, weights=cfg.weights,
         weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
         peak_memory_method=costs[0]["peak_memory_method"], **worst, latency_s_per_batch=total_time / len(costs),
-        generation_time_s=total_time, images_per_s=cfg.num_samples / total_time,
-        tokens_per_s=cfg.num_samples * layout.num_visual / total_time, **environment_info(device),
+        generation_time_s=total_time, images_per_s=len(samples) / total_time,
+        tokens_per_s=len(samples) * layout.num_visual / total_time, **environment_info(device),
         extra={"policy": policy.describe(), **benchmark.evaluate(run_dir)})
     save_record(record, run_dir)
     log.info("%s: %.2f images/s, KV cache %.1f MiB allocated, peak memory %.1f MiB (%s) -> %s",

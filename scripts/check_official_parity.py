@@ -203,8 +203,8 @@ def generation_parity(official: SimpleNamespace, reference, ours: LlamaGen, labe
     generator = LlamaGenGenerator("official-parity", ours, None, SamplingConfig(args.cfg_scale, -1, 1.0, 1, 1.0),
                                   "random")
     start = time.perf_counter()
-    cache = generator.new_cache(Full(), num_visual, len(labels))
-    our_tokens = generator.generate(labels, torch.arange(len(labels), device=labels.device), cache, args.seed)
+    our_tokens = generator.generate(labels, torch.arange(len(labels), device=labels.device), Full(), num_visual,
+                                    args.seed).tokens
     synchronize(args.device)
     ours_seconds = time.perf_counter() - start
     for layer in reference.layers:

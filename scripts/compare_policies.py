@@ -16,15 +16,16 @@ import logging
 from pathlib import Path
 
 import pandas as pd
-import torch
 from hydra import compose, initialize_config_dir
 
+from lineareval.benchmarks.samples import Samples
 from lineareval.config import register_resolvers, resolve_device, resolve_dtype
 from lineareval.keep import check_budget, parse_keep
 from lineareval.record import environment_info
 from lineareval.runner import build_generator, build_policy, timed_generation
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 
 
 def main() -> None:
@@ -44,9 +45,12 @@ def main() -> None:
     dtype = resolve_dtype(cfg.dtype, device)
     generator = build_generator(cfg, device, dtype)
     layout = generator.layout
-    ids = torch.arange(cfg.batch_size, device=device)
-    labels = torch.randint(0, generator.num_classes, (cfg.batch_size,), generator=torch.Generator().manual_seed(0))
-    labels = labels.to(device)
+    if generator.conditioning == "text" and not (cfg.prompt or cfg.prompts_file):
+        cfg.prompt, cfg.images_per_prompt = DEFAULT_PROMPT, cfg.batch_size  # one prompt, a batch of images
+    samples = Samples().samples(cfg, generator)
+    if len(samples) < cfg.batch_size:
+        raise SystemExit(f"only {len(samples)} samples for batch_size={cfg.batch_size}: add prompts or images_per_prompt")
+    ids, labels = samples.batch(0, cfg.batch_size, device)
     rows = []
     for name, cache_cfg in policies.items():
         keep = parse_keep(1 if name == "full" else cfg.keep)

@@ -35,6 +35,7 @@ class CacheState:
     visual_count: int = 0  # visual tokens in the cache
     visual_index: int = -1  # visual token being written in the current step
     fill_holes: bool = False  # this step writes into a freed slot rather than at high_water
+    padded: bool = False  # some prefix slots are padding (never attended, never reused)
     peak_occupancy: int = 0
     evictions: int = 0
 
@@ -61,6 +62,7 @@ class LayerKV:
         self.line_queries = (torch.zeros(sequences, heads, layout.line_len, head_dim, dtype=dtype, device=device)
                              if needs is ScoreNeed.LINE_END else None)
         self._line_probs: torch.Tensor | None = None
+        self.blocked: torch.Tensor | None = None  # (S, 1, C) padding slots of shorter prompts
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values, self.positions, self.valid, self.received, self.line_queries)
@@ -72,13 +74,24 @@ class LayerKV:
 
     # ---- writing -------------------------------------------------------------------------------
 
-    def write_prefix(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store the condition prefix in slots [0, P). keys/values: (S, H, P, D)."""
+    def write_prefix(self, keys: torch.Tensor, values: torch.Tensor, present: torch.Tensor | None = None) -> None:
+        """Store the condition prefix in slots [0, P). keys/values: (S, H, P, D).
+
+        `present` (S, P) marks real prefix tokens when prompts of different lengths are padded to P:
+        padding slots are never attended and never reused, so every sequence keeps the same layout
+        (visual token i at layout index P + i) and the policies' thresholds stay uniform.
+        """
         length = keys.shape[2]
         self.keys[:, :, :length] = keys
         self.values[:, :, :length] = values
         self.positions[:, :, :length] = torch.arange(length, device=keys.device)
         self.valid[:, :, :length] = True
+        if present is not None and not bool(present.all()):
+            self.valid[:, :, :length] = present[:, None, :].to(self.valid.device)
+            self.positions[:, :, :length].masked_fill_(~self.valid[:, :, :length], -1)
+            self.blocked = torch.zeros_like(self.valid[:, :1])  # (S, 1, C)
+            self.blocked[:, :, :length] = ~present[:, None, :].to(self.valid.device)
+            self.state.padded = True
 
     def append(self, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> None:
         """Write one token per (sequence, head). key/value: (S, H, 1, D); position: 0-d long tensor."""
@@ -92,7 +105,8 @@ class LayerKV:
                 self.received[:, :, slot] = 0
             return
         # lowest free slot per (sequence, head); the free sets differ after per-head eviction
-        slot = (~self.valid).to(torch.uint8).argmax(dim=-1, keepdim=True)  # (S, H, 1)
+        taken = self.valid if self.blocked is None else self.valid | self.blocked
+        slot = (~taken).to(torch.uint8).argmax(dim=-1, keepdim=True)  # (S, H, 1)
         self.keys.scatter_(2, slot.unsqueeze(-1).expand_as(key), key)
         self.values.scatter_(2, slot.unsqueeze(-1).expand_as(value), value)
         self.positions.scatter_(2, slot, position.expand_as(slot))
@@ -106,7 +120,7 @@ class LayerKV:
         """Attention of one new query per sequence over the occupied slots. (S, H, 1, D) -> (S, H, 1, D)."""
         width = self.state.high_water
         keys, values = self.keys[:, :, :width], self.values[:, :, :width]
-        mask = self.valid[:, :, None, :width] if self.state.has_holes else None
+        mask = self.valid[:, :, None, :width] if self.state.has_holes or self.state.padded else None
         if self.line_queries is not None:
             self.line_queries[:, :, self.state.visual_index % self.layout.line_len] = query[:, :, 0]
         if self.needs is not ScoreNeed.EVERY_STEP:

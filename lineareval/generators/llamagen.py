@@ -7,13 +7,13 @@ both halves are fed the same sampled token, and each half keeps its own cache se
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lineareval.cache import CachePolicy, KVCache, TokenLayout
+from lineareval.generators.base import Generation, StepObserver
 from lineareval.models.checkpoint import extract_model_state, load_into, load_state_dict_file
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
 from lineareval.models.vq import VQConfig, VQModel, to_uint8
@@ -21,8 +21,6 @@ from lineareval.models.weights import WeightFile, resolve_weight_files
 from lineareval.sampling import SamplingConfig, sample_tokens
 
 log = logging.getLogger(__name__)
-
-StepObserver = Callable[[int, KVCache], None]
 
 
 @dataclass
@@ -35,6 +33,7 @@ class LlamaGenGenerator:
     sampling: SamplingConfig
     weights: str
     weight_files: list[str] = field(default_factory=list)
+    conditioning = "class"
 
     @property
     def layout(self) -> TokenLayout:
@@ -55,12 +54,13 @@ class LlamaGenGenerator:
         return self.gpt.new_cache(policy, budget, self.sequences(batch))
 
     @torch.inference_mode()
-    def generate(self, labels: torch.Tensor, sample_ids: torch.Tensor, cache: KVCache, seed: int,
-                 observer: StepObserver | None = None) -> torch.Tensor:
+    def generate(self, labels: torch.Tensor, sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
+                 observer: StepObserver | None = None) -> Generation:
         """Sample the N visual tokens of each image. labels, sample_ids: (B,) -> tokens (B, N) int64.
 
         `observer(visual_index, cache)` runs after each decode step (tests record cache contents).
         """
+        cache = self.new_cache(policy, budget, len(labels))
         guided, num_visual = self.sampling.guided, self.layout.num_visual
         conditions = torch.cat([labels, torch.full_like(labels, self.gpt.null_class)]) if guided else labels
         logits = self.gpt.prefill(conditions, cache)
@@ -73,7 +73,7 @@ class LlamaGenGenerator:
             logits = self.gpt.decode(torch.cat([token, token]) if guided else token, index, cache)
             if observer is not None:
                 observer(index, cache)
-        return tokens
+        return Generation(tokens, [cache])
 
     def _guide(self, logits: torch.Tensor, index: int) -> torch.Tensor:
         """(S, V) -> (B, V): classifier-free guidance on [cond; uncond] rows, as the official sampler."""

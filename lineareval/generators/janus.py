@@ -1,0 +1,167 @@
+"""Janus-Pro adapter: prompts in, uint8 images out, under any cache policy.
+
+As the official generator: the prompt goes through the DeepSeek chat format with an empty system
+prompt and ends with the image-start tag; CFG rows are [cond; uncond] where the unconditional prompt
+keeps the first (BOS) and last (image-start) tokens and replaces the rest by the pad token (not
+masked: the official code attends to them). Prompts of different lengths in one batch are
+left-padded with masked padding (the official code batches one prompt at a time). Positions are
+passed explicitly: prompt tokens 0..P_s-1, visual token i at P_s + i.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from lineareval.cache import CachePolicy, TokenLayout
+from lineareval.generators.base import Generation, StepObserver
+from lineareval.models.janus import JanusGenerator
+from lineareval.sampling import SamplingConfig, sample_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JanusAdapter:
+    """Janus-Pro network, its VQ decoder, tokenizer and prompt format."""
+
+    name: str
+    network: JanusGenerator
+    vqmodel: torch.nn.Module
+    tokenizer: object
+    sampling: SamplingConfig
+    weights: str
+    prompt_template: str = "<|User|>: {prompt}\n\n<|Assistant|>:"
+    image_start: str = "<begin_of_image>"
+    weight_files: list[str] = field(default_factory=list)
+    conditioning = "text"
+
+    @property
+    def layout(self) -> TokenLayout:
+        """The visual layout (24 x 24, no end-of-line token); the prompt prefix varies per batch."""
+        side = self.network.gen_config.num_patches
+        return TokenLayout(prefix_len=0, rows=side, line_len=side)
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.language_model.embed_tokens.weight.device
+
+    def sequences(self, batch: int) -> int:
+        return 2 * batch if self.sampling.guided else batch
+
+    def encode(self, prompts: list[str]) -> list[list[int]]:
+        """Token ids of each formatted prompt (BOS ... image-start)."""
+        texts = [self.prompt_template.format(prompt=prompt) + self.image_start for prompt in prompts]
+        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+    def unconditional(self, ids: list[int]) -> list[int]:
+        return [ids[0]] + [self.tokenizer.pad_token_id] * (len(ids) - 2) + [ids[-1]]
+
+    def prefix_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and presence mask, each (S, P): S = 2B rows [cond; uncond] with guidance."""
+        rows = self.encode(prompts)
+        if self.sampling.guided:
+            rows = rows + [self.unconditional(ids) for ids in rows]
+        length = max(len(ids) for ids in rows)
+        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
+        present = torch.zeros(len(rows), length, dtype=torch.bool)
+        for row, tokens in enumerate(rows):
+            ids[row, length - len(tokens):] = torch.tensor(tokens)
+            present[row, length - len(tokens):] = True
+        return ids.to(self.device), present.to(self.device)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
+                 observer: StepObserver | None = None) -> Generation:
+        """Sample the 576 image tokens of each prompt's image. -> tokens (B, N)."""
+        ids, present = self.prefix_batch(prompts)
+        layout = TokenLayout(ids.shape[1], self.layout.rows, self.layout.line_len)
+        model = self.network.language_model
+        cache = model.new_cache(policy, budget, len(ids), layout)
+        lengths = present.sum(1)  # (S,) real prompt tokens
+        positions = (present.cumsum(1) - 1).clamp(min=0)
+        hidden = model.prefill(self.network.embed_text(ids), positions, present, cache)
+        logits = self.network.image_logits(hidden)
+        tokens = torch.empty(len(prompts), layout.num_visual, dtype=torch.long, device=ids.device)
+        for index in range(layout.num_visual):
+            token = sample_tokens(self._guide(logits), self.sampling, seed, sample_ids, index)
+            tokens[:, index] = token
+            if index == layout.num_visual - 1:
+                break
+            feed = torch.cat([token, token]) if self.sampling.guided else token
+            hidden = model.decode(self.network.embed_image(feed), lengths + index, index, cache)
+            logits = self.network.image_logits(hidden)
+            if observer is not None:
+                observer(index, cache)
+        return Generation(tokens, [cache])
+
+    def _guide(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self.sampling.guided:
+            return logits
+        cond, uncond = logits.chunk(2)
+        return uncond + (cond - uncond) * self.sampling.cfg_scale
+
+    @torch.inference_mode()
+    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N) -> (B, H, W, 3) uint8, as the official `(x + 1) / 2 * 255` clipped and truncated."""
+        pixels = self.vqmodel.decode(tokens.to(self.vqmodel.post_quant_conv.weight.device)).float()
+        return torch.clamp((pixels + 1) / 2 * 255, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+
+
+class WordHashTokenizer:
+    """Stand-in tokenizer for `weights=random` speed runs without tokenizer files: word -> crc32 id.
+
+    Only the prompt lengths matter for speed; the record says the weights were random.
+    """
+
+    pad_token_id = 0
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
+        import zlib
+
+        return {"input_ids": [[1] + [2 + zlib.crc32(word.encode()) % (self.vocab_size - 2) for word in text.split()]
+                              for text in texts]}
+
+
+def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,
+                weights_dir: str, device: str | torch.device, dtype: torch.dtype, download: bool = True, seed: int = 0,
+                prompt_template: str = JanusAdapter.prompt_template,
+                image_start: str = JanusAdapter.image_start) -> JanusAdapter:
+    """Build from `conf/model/janus_pro_*.yaml`: `path` is a hub id or a local transformers-native folder."""
+    from lineareval.models.hub import resolve_model_folder
+    from lineareval.models.janus import load_janus, random_janus
+
+    if weights == "checkpoint":
+        folder = resolve_model_folder(path, weights_dir, download=download,
+                                      required=("config.json", "*.safetensors", "tokenizer.json"))
+        network, vqmodel = load_janus(folder, dtype)
+        files = [str(file) for file in sorted(folder.glob("*.safetensors"))]
+    elif weights == "random":
+        log.warning("model %s uses RANDOM weights (weights=random): speed benchmarks only", name)
+        network, vqmodel = random_janus(text, gen, vq, seed, dtype)
+        folder, files = None, []
+    else:
+        raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
+    tokenizer = _tokenizer(folder, path, weights_dir, text["vocab_size"])
+    network.to(device)
+    vqmodel.to(device)
+    return JanusAdapter(name, network, vqmodel, tokenizer, SamplingConfig(**sampling), weights, prompt_template,
+                        image_start, files)
+
+
+def _tokenizer(folder, path: str, weights_dir: str, vocab_size: int):
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    candidates = [folder] if folder else [Path(path).expanduser(), Path(weights_dir).expanduser() / path.split("/")[-1]]
+    for candidate in candidates:
+        if candidate is not None and (candidate / "tokenizer.json").exists():
+            return AutoTokenizer.from_pretrained(candidate)
+    log.warning("no tokenizer files for %s: prompts are hashed word by word (random-weight speed runs only)", path)
+    return WordHashTokenizer(vocab_size)
