@@ -113,6 +113,8 @@ def run(cfg: DictConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
+    if cfg.decode_images and not getattr(generator, "can_decode", True):
+        generator.decode_images(None)  # raises the adapter's message about the missing decoder files
     samples = benchmark.samples(cfg, generator)
     all_tokens, all_images, costs = [], [], []
     progress = tqdm(total=len(samples), desc=f"{cfg.model.name} {cfg.cache.name} keep={keep.text}", unit="img")

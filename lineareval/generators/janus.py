@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lineareval.cache import CachePolicy, TokenLayout
-from lineareval.generators.base import Generation, StepObserver
+from lineareval.generators.base import Generation, StepObserver, load_tokenizer
 from lineareval.models.janus import JanusGenerator
 from lineareval.sampling import SamplingConfig, sample_tokens
 
@@ -110,24 +110,6 @@ class JanusAdapter:
         return torch.clamp((pixels + 1) / 2 * 255, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
 
-class WordHashTokenizer:
-    """Stand-in tokenizer for `weights=random` speed runs without tokenizer files: word -> crc32 id.
-
-    Only the prompt lengths matter for speed; the record says the weights were random.
-    """
-
-    pad_token_id = 0
-
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
-        import zlib
-
-        return {"input_ids": [[1] + [2 + zlib.crc32(word.encode()) % (self.vocab_size - 2) for word in text.split()]
-                              for text in texts]}
-
-
 def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,
                 weights_dir: str, device: str | torch.device, dtype: torch.dtype, download: bool = True, seed: int = 0,
                 prompt_template: str = JanusAdapter.prompt_template,
@@ -147,21 +129,8 @@ def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampli
         folder, files = None, []
     else:
         raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
-    tokenizer = _tokenizer(folder, path, weights_dir, text["vocab_size"])
+    tokenizer = load_tokenizer(folder, path, weights_dir, text["vocab_size"])
     network.to(device)
     vqmodel.to(device)
     return JanusAdapter(name, network, vqmodel, tokenizer, SamplingConfig(**sampling), weights, prompt_template,
                         image_start, files)
-
-
-def _tokenizer(folder, path: str, weights_dir: str, vocab_size: int):
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
-    candidates = [folder] if folder else [Path(path).expanduser(), Path(weights_dir).expanduser() / path.split("/")[-1]]
-    for candidate in candidates:
-        if candidate is not None and (candidate / "tokenizer.json").exists():
-            return AutoTokenizer.from_pretrained(candidate)
-    log.warning("no tokenizer files for %s: prompts are hashed word by word (random-weight speed runs only)", path)
-    return WordHashTokenizer(vocab_size)

@@ -1,0 +1,204 @@
+"""Lumina-mGPT adapter (Liu et al. 2024, https://arxiv.org/abs/2408.02657) on our cache.
+
+As the official `FlexARInferenceSolver`: the prompt "Generate an image of {W}x{H} according to the
+following prompt:\\n{prompt}" ends its turn with `<reserved08706>`; the image is image-start, height
+and width tokens, then rows of image tokens each followed by the new-line token, then image-end. We
+write image-start and the size tokens into the prefix (the official loop lets the model emit them and
+its logits processors then force the same layout), force the new-line token after every row, and
+restrict all other positions to image tokens with image top-k. CFG is unbatched as officially: the
+unconditional context starts at image-start, runs in its own cache, and both caches are compressed
+by the policy. The line length is the row plus its new-line token (49 at 768 px, 65 at 1024 px).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lineareval.cache import CachePolicy, TokenLayout
+from lineareval.generators.base import Generation, StepObserver, load_tokenizer
+from lineareval.models.chameleon import ChameleonLM
+from lineareval.sampling import SamplingConfig, sample_tokens
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LuminaTokens:
+    """Token ids of the image layout (defaults: the released Chameleon vocabulary)."""
+
+    image_start: int = 8197  # <racm3:break>
+    image_end: int = 8196  # <eoss>
+    new_line: int = 8803  # <reserved08799>
+    end_of_turn: str = "<reserved08706>"
+    size_offset: int = 8804  # size token = offset + latent tokens / 2 (Lumina counts 32-px grids)
+    image_first: int = 4  # image tokens are ids [image_first, image_last]
+    image_last: int = 8195
+
+
+@dataclass
+class LuminaAdapter:
+    """Chameleon LM, optional VQGAN + vocabulary for decoding, tokenizer and sampling defaults."""
+
+    name: str
+    network: ChameleonLM
+    tokenizer: object
+    sampling: SamplingConfig
+    weights: str
+    resolution: int = 768
+    tokens: LuminaTokens = field(default_factory=LuminaTokens)
+    vqgan: torch.nn.Module | None = None
+    vocabulary: object | None = None
+    prompt_template: str = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
+    weight_files: list[str] = field(default_factory=list)
+    conditioning = "text"
+
+    @property
+    def side(self) -> int:
+        return self.resolution // 16
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(prefix_len=0, rows=self.side, line_len=self.side + 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.lm_head.weight.device
+
+    @property
+    def can_decode(self) -> bool:
+        return self.vqgan is not None and self.vocabulary is not None
+
+    def image_header(self) -> list[int]:
+        size = self.tokens.size_offset + self.side // 2
+        return [self.tokens.image_start, size, size]
+
+    def prefix_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded conditional prefixes (B, P) and presence mask: BOS, turn, image header."""
+        texts = [self.prompt_template.format(width=self.resolution, height=self.resolution, prompt=prompt)
+                 + self.tokens.end_of_turn for prompt in prompts]
+        rows = [list(ids) + self.image_header() for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        length = max(len(row) for row in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        present = torch.zeros(len(rows), length, dtype=torch.bool)
+        for index, row in enumerate(rows):
+            ids[index, length - len(row):] = torch.tensor(row)
+            present[index, length - len(row):] = True
+        return ids.to(self.device), present.to(self.device)
+
+    def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """Only image tokens may be sampled inside a row (the official MultiModalLogitsProcessor)."""
+        vocab = torch.arange(logits.shape[-1], device=logits.device)
+        allowed = (vocab >= self.tokens.image_first) & (vocab <= self.tokens.image_last)
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
+                 observer: StepObserver | None = None) -> Generation:
+        """Rows of image tokens with their new-line tokens: (B, rows * (side + 1))."""
+        ids, present = self.prefix_batch(prompts)
+        batch, visual = len(prompts), self.layout
+        net = self.network
+        cond = net.new_cache(policy, budget, batch, TokenLayout(ids.shape[1], visual.rows, visual.line_len))
+        caches = [cond]
+        cond_positions = (present.cumsum(1) - 1).clamp(min=0)
+        cond_lengths = present.sum(1)
+        logits = net.prefill(ids, cond_positions, present, cond)
+        if self.sampling.guided:
+            header = torch.tensor(self.image_header(), device=ids.device).expand(batch, -1)
+            uncond = net.new_cache(policy, budget, batch, TokenLayout(header.shape[1], visual.rows, visual.line_len))
+            caches.append(uncond)
+            header_positions = torch.arange(header.shape[1], device=ids.device).expand(batch, -1)
+            uncond_logits = net.prefill(header, header_positions, None, uncond)
+        tokens = torch.empty(batch, visual.num_visual, dtype=torch.long, device=ids.device)
+        for index in range(visual.num_visual):
+            if visual.is_line_end(index):
+                token = torch.full((batch,), self.tokens.new_line, dtype=torch.long, device=ids.device)
+            else:
+                guided = logits if not self.sampling.guided else (
+                    uncond_logits + self.sampling.cfg_scale * (logits - uncond_logits))
+                token = sample_tokens(self._constrain(guided), self.sampling, seed, sample_ids, index)
+            tokens[:, index] = token
+            if index == visual.num_visual - 1:
+                break
+            logits = net.decode(token, cond_lengths + index, index, cond)
+            if self.sampling.guided:
+                uncond_logits = net.decode(token, header.shape[1] + index + torch.zeros_like(token), index, uncond)
+            if observer is not None:
+                observer(index, cond)
+        return Generation(tokens, caches)
+
+    @torch.inference_mode()
+    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, rows * (side + 1)) -> (B, H, W, 3) uint8 through the vocabulary and the Chameleon VQGAN."""
+        from lineareval.models.chameleon_vqgan import to_uint8
+
+        if not self.can_decode:
+            raise FileNotFoundError("decoding Lumina-mGPT images needs Meta's Chameleon tokenizer files "
+                                    "(model.chameleon_dir); or run with decode_images=false")
+        rows = tokens.view(len(tokens), self.side, self.side + 1)
+        if not bool((rows[:, :, -1] == self.tokens.new_line).all()):
+            raise ValueError("token rows do not end with the new-line token: not a Lumina image layout")
+        codes = self.vocabulary.bpe_to_code(rows[:, :, :-1].reshape(len(tokens), -1).cpu())
+        device = next(self.vqgan.parameters()).device
+        return to_uint8(self.vqgan.decode_codes(codes.to(device), (self.side, self.side)))
+
+
+CHAMELEON_FILES = ("vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json")
+
+
+def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: dict, weights: str, weights_dir: str,
+                 device: str | torch.device, dtype: torch.dtype, chameleon_dir: str | None = None,
+                 tokens: dict | None = None, download: bool = True, seed: int = 0,
+                 prompt_template: str = LuminaAdapter.prompt_template) -> LuminaAdapter:
+    """Build from `conf/model/lumina_mgpt_*.yaml`: `path` is a hub id or a local folder."""
+    from lineareval.models.chameleon import ChameleonLMConfig, load_chameleon_lm
+    from lineareval.models.hub import resolve_model_folder
+
+    chameleon = Path(chameleon_dir or Path(weights_dir) / "chameleon" / "tokenizer").expanduser().resolve()
+    missing = [file for file in CHAMELEON_FILES if not (chameleon / file).exists()]
+    if weights == "checkpoint":
+        from lineareval.models.weights import MissingWeightsError
+
+        problems = []
+        if missing:  # checked first and reported together with the model files, so one message lists all
+            problems.append(
+                f"Lumina-mGPT decodes images with Meta's Chameleon image tokenizer, which is not on the Hugging "
+                f"Face hub. Missing in {chameleon}: {', '.join(missing)}.\nRequest the Chameleon release from Meta "
+                "(https://ai.meta.com/resources/models-and-libraries/chameleon-downloads/) and copy its "
+                "tokenizer/ folder there, or set model.chameleon_dir=PATH.")
+        try:
+            folder = resolve_model_folder(path, weights_dir, download=download and not missing,
+                                          required=("config.json", "*.safetensors", "tokenizer*.json"))
+        except MissingWeightsError as error:
+            problems.append(str(error))
+        if problems:
+            raise MissingWeightsError("\n".join(problems))
+        network = load_chameleon_lm(folder, dtype=dtype, device=device)
+        files = [str(file) for file in sorted(folder.glob("*.safetensors"))]
+    elif weights == "random":
+        log.warning("model %s uses RANDOM weights (weights=random): speed benchmarks only", name)
+        with torch.device("meta"):
+            network = ChameleonLM(ChameleonLMConfig(**lm))
+        network = network.to(dtype).to_empty(device=device)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for parameter_name, parameter in network.named_parameters():
+            if parameter.dim() > 1:
+                parameter.data.normal_(0.0, 0.02, generator=generator)
+            else:
+                parameter.data.fill_(0.0 if parameter_name.endswith("bias") else 1.0)
+        folder, files = None, []
+    else:
+        raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
+    vqgan = vocabulary = None
+    if not missing:
+        from lineareval.models.chameleon_vqgan import ImageVocabulary, load_chameleon_vqgan
+
+        vqgan = load_chameleon_vqgan(chameleon / "vqgan.yaml", chameleon / "vqgan.ckpt").to(device)
+        vocabulary = ImageVocabulary.from_json(chameleon / "text_tokenizer.json")
+    tokenizer = load_tokenizer(folder, path, weights_dir, lm["vocab_size"])
+    return LuminaAdapter(name, network.eval(), tokenizer, SamplingConfig(**sampling), weights, resolution,
+                         LuminaTokens(**(tokens or {})), vqgan, vocabulary, prompt_template, files)

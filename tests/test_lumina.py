@@ -1,0 +1,129 @@
+"""Lumina-mGPT: the image layout, evictions right after new-line tokens, and every policy's oracle on
+both the conditional cache and the separate unconditional cache (unbatched CFG)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CACHE_CONFIGS
+from lineareval.cache import TokenLayout
+from lineareval.generators.lumina import LuminaAdapter, LuminaTokens
+from lineareval.models.chameleon import ChameleonLM, ChameleonLMConfig
+from lineareval.models.llama import prefix_mask
+from lineareval.keep import parse_keep
+from lineareval.models.weights import MissingWeightsError
+from lineareval.runner import run
+from lineareval.sampling import SamplingConfig
+
+TOKENS = LuminaTokens(image_start=300, image_end=301, new_line=302, end_of_turn="<eot>", size_offset=310,
+                      image_first=4, image_last=259)
+PROMPTS = {"a red apple": [1, 20, 21, 22, 23], "two cats": [1, 24, 25]}
+
+
+class StubTokenizer:
+    def __call__(self, texts, add_special_tokens=True):
+        return {"input_ids": [PROMPTS[text.split("\n")[1].removesuffix("<eot>")] for text in texts]}
+
+
+@pytest.fixture(scope="module")
+def network() -> ChameleonLM:
+    torch.manual_seed(0)
+    model = ChameleonLM(ChameleonLMConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=512))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                parameter.normal_(0.0, 0.3)
+    return model.float().eval()
+
+
+def adapter(network, resolution: int = 128, top_k: int = 50) -> LuminaAdapter:
+    return LuminaAdapter("lumina_tiny", network, StubTokenizer(), SamplingConfig(4.0, -1, 1.0, top_k, 1.0), "random",
+                         resolution, TOKENS)
+
+
+def test_layout_rows_end_with_new_line_and_linear_evicts_right_after_them(network, policy_factory):
+    lumina = adapter(network)
+    evictions = []
+    generation = lumina.generate(["a red apple", "two cats"], torch.arange(2), policy_factory("linear"), 24, seed=1,
+                                 observer=lambda index, cache: evictions.append(cache.state.evictions))
+    tokens = generation.tokens
+    assert lumina.layout.line_len == 9 and tokens.shape == (2, 72)
+    rows = tokens.view(2, 8, 9)
+    assert (rows[:, :, -1] == TOKENS.new_line).all()
+    assert ((rows[:, :, :-1] >= TOKENS.image_first) & (rows[:, :, :-1] <= TOKENS.image_last)).all()
+    grew = [index for index in range(1, len(evictions)) if evictions[index] > evictions[index - 1]]
+    assert grew and all(tokens[0, index] == TOKENS.new_line for index in grew)  # the token just fed ended a row
+    assert len(generation.caches) == 2 and all(cache.state.evictions > 0 for cache in generation.caches)
+    header = lumina.image_header()
+    assert header == [300, 310 + 4, 310 + 4]
+
+
+def test_paper_budgets_at_keep_1_8():
+    """keep=1/8 gives the paper's B = 294 (768 px, line 49) and 520 (1024 px, line 65)."""
+    for resolution, line, budget in [(768, 49, 294), (1024, 65, 520)]:
+        layout = LuminaAdapter("lumina", None, None, None, "random", resolution).layout
+        assert layout.line_len == line and parse_keep("1/8").budget(layout.num_visual) == budget
+
+
+def replay(network, ids, positions, present, tokens, policy, budget, line_len):
+    """Cached logits (S, N, V) and the visibility of every decode step, feeding `tokens`."""
+    rows, prefix = ids.shape
+    layout = TokenLayout(prefix, tokens.shape[1] // line_len, line_len)
+    cache = network.new_cache(policy, budget, rows, layout)
+    lengths = positions[:, -1] + 1
+    logits, visible = [network.prefill(ids, positions, present, cache)], []
+    for index in range(tokens.shape[1] - 1):
+        before = cache.visible_positions()
+        logits.append(network.decode(tokens[:, index], lengths + index, index, cache))
+        for layer_map in before:
+            layer_map[..., prefix + index] = True
+        visible.append(before)
+    return torch.stack(logits, 1), visible, cache
+
+
+@pytest.mark.parametrize("name", CACHE_CONFIGS)
+def test_both_cfg_caches_equal_masked_full_attention(network, policy_factory, name):
+    lumina = adapter(network)
+    generation = lumina.generate(["a red apple", "two cats"], torch.arange(2), policy_factory(name), 72, seed=2)
+    tokens, budget = generation.tokens, 72 if name == "full" else 24
+    cond_ids, cond_present = lumina.prefix_batch(["a red apple", "two cats"])
+    header = torch.tensor(lumina.image_header()).expand(2, -1)
+    contexts = {"cond": (cond_ids, (cond_present.cumsum(1) - 1).clamp(min=0), cond_present),
+                "uncond": (header, torch.arange(3).expand(2, -1), torch.ones_like(header, dtype=torch.bool))}
+    with torch.inference_mode():
+        for ids, positions, present in contexts.values():
+            cached, visible, cache = replay(network, ids, positions, present, tokens, policy_factory(name), budget, 9)
+            prefix, length = ids.shape[1], ids.shape[1] + tokens.shape[1] - 1
+            prefix_rows = torch.zeros(2, 4, prefix, length, dtype=torch.bool)
+            prefix_rows[..., :prefix] = prefix_mask(present)
+            masks = [torch.cat([prefix_rows] + [step[layer][..., None, :length] for step in visible], dim=2)
+                     for layer in range(2)]
+            all_ids = torch.cat([ids, tokens[:, :-1]], dim=1)
+            all_positions = torch.cat([positions, positions[:, -1:] + 1 + torch.arange(tokens.shape[1] - 1)], dim=1)
+            oracle = network(all_ids, all_positions, masks)[:, prefix - 1:]
+            torch.testing.assert_close(cached, oracle, rtol=1e-4, atol=1e-4)
+            if name != "full":
+                assert cache.state.evictions > 0
+
+
+def test_lumina_without_chameleon_files_names_them(make_config, tmp_path):
+    with pytest.raises(MissingWeightsError) as error:
+        run(make_config("model=lumina_mgpt_768", "prompt=a red apple"))
+    message = str(error.value)
+    for expected in ("vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json", str(tmp_path / "weights" / "chameleon"),
+                     "model.chameleon_dir"):
+        assert expected in message
+
+
+RANDOM_TINY = ("model=lumina_mgpt_768", "weights=random", "prompt=a red apple", "model.resolution=64",
+               "model.lm.hidden_size=64", "model.lm.intermediate_size=128", "model.lm.num_hidden_layers=1",
+               "model.lm.num_attention_heads=4", "model.lm.vocab_size=9000")
+
+
+def test_random_lumina_without_decoder_refuses_to_decode_before_generating(make_config):
+    with pytest.raises(FileNotFoundError, match="decode_images=false"):
+        run(make_config(*RANDOM_TINY))
+    record = run(make_config(*RANDOM_TINY, "decode_images=false", "cache=linear", "keep=1/2"))
+    assert record["weights"] == "random" and record["visual_budget"] == 10  # 4 rows x (4 + 1) tokens, half kept
