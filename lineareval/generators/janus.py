@@ -125,7 +125,7 @@ def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampli
         files = [str(file) for file in sorted(folder.glob("*.safetensors"))]
     elif weights == "random":
         log.warning("model %s uses RANDOM weights (weights=random): speed benchmarks only", name)
-        network, vqmodel = random_janus(text, gen, vq, seed, dtype)
+        network, vqmodel = random_janus(text, gen, vq, seed, dtype, device)
         folder, files = None, []
     else:
         raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")

@@ -129,16 +129,17 @@ def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32):
     return network.to(dtype).eval(), vqmodel.eval()
 
 
-def random_janus(text: dict, gen: dict, vq: dict, seed: int, dtype: torch.dtype = torch.float32):
-    """A randomly initialised Janus of the given sizes (speed benchmarks: `weights=random`)."""
+def random_janus(text: dict, gen: dict, vq: dict, seed: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+    """A randomly initialised Janus of the given sizes (speed benchmarks: `weights=random`), built on `device`."""
     from transformers.models.janus.configuration_janus import JanusVQVAEConfig
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
     torch.manual_seed(seed)
     with torch.device("meta"):
         network = JanusGenerator(LlamaConfig(**text), JanusGenConfig(**gen))
-    network.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(seed)
+    network.to_empty(device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     for name, parameter in network.named_parameters():
         if parameter.dim() > 1:
             parameter.data.normal_(0.0, 0.02, generator=generator)
