@@ -68,6 +68,10 @@ class LuminaAdapter:
     def device(self) -> torch.device:
         return self.network.lm_head.weight.device
 
+    def sequences(self, batch: int) -> int:
+        """Sequences in the caches: B conditional plus, with guidance, B unconditional (a second cache)."""
+        return 2 * batch if self.sampling.guided else batch
+
     @property
     def can_decode(self) -> bool:
         return self.vqgan is not None and self.vocabulary is not None
