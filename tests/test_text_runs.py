@@ -94,3 +94,53 @@ def test_missing_janus_weights_offline_name_the_repo_and_folder(make_config, tmp
 def test_janus_config_is_transformers_native(janus_folder):
     config = json.loads((janus_folder / "config.json").read_text())
     assert config["model_type"] == "janus" and "vq_config" in config
+
+
+def image_token_name(code: int) -> str:
+    return "IMGIMG" + "".join(chr(ord("A") + int(digit)) for digit in str(code)) + "Z"
+
+
+@pytest.fixture(scope="module")
+def lumina_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny Lumina-mGPT folder (HF layout, real vocabulary ids) and a tiny Chameleon tokenizer folder."""
+    from safetensors.torch import save_file
+
+    from lineareval.models.chameleon import ChameleonLM, ChameleonLMConfig
+    from lineareval.models.chameleon_vqgan import ChameleonVQGAN, ChameleonVQGANConfig
+    from test_chameleon_vqgan import _write_official_files
+
+    model_dir, chameleon = tmp_path_factory.mktemp("Lumina-tiny"), tmp_path_factory.mktemp("chameleon")
+    hf_config = {"model_type": "chameleon", "vocab_size": 9000, "hidden_size": 64, "intermediate_size": 128,
+                 "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 512,
+                 "rope_theta": 10000.0, "rms_norm_eps": 1e-5}
+    (model_dir / "config.json").write_text(json.dumps(hf_config))
+    torch.manual_seed(0)
+    network = ChameleonLM(ChameleonLMConfig.from_hf_config(hf_config))
+    save_file({key: value.contiguous() for key, value in network.state_dict().items()}, model_dir / "model.safetensors")
+    words = ["<pad>", "<s>", "<unk>", "Generate", "an", "image", "of", "64x64", "according", "to", "the", "following",
+             "prompt", ":", "a", "red", "apple", "<reserved08706>"]
+    backend = Tokenizer(models.WordLevel({word: 8900 + index for index, word in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>", unk_token="<unk>",
+                            additional_special_tokens=["<reserved08706>"]).save_pretrained(model_dir)
+    vqgan = ChameleonVQGAN(ChameleonVQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=16,
+                                                n_embed=8192, embed_dim=4))
+    _write_official_files(chameleon, vqgan)
+    vocab = {image_token_name(code): 4 + code for code in range(8192)}
+    vocab.update({"<eoss>": 8196, "<racm3:break>": 8197, "<reserved08799>": 8803, "<reserved08706>": 8710,
+                  "<reserved08802>": 8806})
+    (chameleon / "text_tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}}))
+    return model_dir, chameleon
+
+
+def test_lumina_run_from_local_folders(make_config, lumina_folders):
+    model_dir, chameleon = lumina_folders
+    cfg = make_config("model=lumina_mgpt_768", f"model.path={model_dir}", f"model.chameleon_dir={chameleon}",
+                      "model.resolution=64", "prompt=a red apple", "images_per_prompt=2", "cache=linear", "keep=1/2")
+    record = run(cfg)
+    arrays = np.load(Path(cfg.run_dir) / "tokens.npz")
+    rows = arrays["tokens"].reshape(2, 4, 5)
+    assert (rows[:, :, -1] == 8803).all() and ((rows[:, :, :-1] >= 4) & (rows[:, :, :-1] <= 8195)).all()
+    assert np.load(Path(cfg.run_dir) / "samples.npz")["arr_0"].shape == (2, 8, 8, 3)
+    assert record["weights"] == "checkpoint" and record["visual_budget"] == 10
+    assert record["kv_cache_capacity_bytes"] > 0
