@@ -25,16 +25,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from lineareval.cache import KVCache, LayerKV, TokenLayout
+from lineareval.cache import KVCache, TokenLayout
 from lineareval.models.checkpoint import CheckpointError, load_into, load_state_dict_file
-from lineareval.models.llamagen import RMSNorm
+from lineareval.models.layers import DecoderLayer, RMSNorm, inverse_frequencies, rotary
 from lineareval.models.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
 
-QK_NORM_EPS = 1e-5  # fixed in Chameleon's q/k LayerNorm, independent of rms_norm_eps
 SKIPPED_PREFIXES = ("model.vqmodel.",)  # the VQ image encoder: not needed to generate
 
 
@@ -93,116 +91,8 @@ class ChameleonLMConfig:
 
     def inverse_frequencies(self, device: torch.device | None = None) -> torch.Tensor:
         """(head_dim / 2,) fp32 RoPE frequencies, divided by the linear scaling factor if any."""
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        inv_freq = 1.0 / (self.rope_theta ** exponents)
-        if self.rope_scaling is not None and self.rope_scaling["rope_type"] == "linear":
-            inv_freq = inv_freq / self.rope_scaling["factor"]
-        return inv_freq
-
-
-def rotary(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (S, 1, T, D) for position_ids (S, T): angles in fp32, then cast to the activations' dtype
-    (as the official code does, so bf16 runs match it)."""
-    angles = position_ids[..., None].float() * inv_freq.float()  # (S, T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)[:, None]  # rotate-half layout: both halves share angles
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the halves (x1, x2) of the last dim: x * cos + (-x2, x1) * sin. x: (S, H, T, D)."""
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
-
-
-class QKNorm(nn.Module):
-    """Chameleon's q/k LayerNorm: statistics over head_dim only, then each head's own gain and bias."""
-
-    def __init__(self, heads: int, head_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(heads, head_dim))
-        self.bias = nn.Parameter(torch.zeros(heads, head_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., H, D)
-        return F.layer_norm(x, x.shape[-1:], eps=QK_NORM_EPS) * self.weight + self.bias
-
-
-class MLP(nn.Module):
-    def __init__(self, config: ChameleonLMConfig):
-        super().__init__()
-        dim, hidden, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Attention(nn.Module):
-    def __init__(self, config: ChameleonLMConfig):
-        super().__init__()
-        self.heads, self.head_dim = config.num_attention_heads, config.head_dim
-        dim, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
-        self.v_proj = nn.Linear(dim, dim, bias=bias)
-        self.o_proj = nn.Linear(dim, dim, bias=bias)
-        self.q_norm = QKNorm(self.heads, self.head_dim)
-        self.k_norm = QKNorm(self.heads, self.head_dim)
-
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """(S, T, dim) -> q, k, v each (S, H, T, D); q and k normed per head, then rotated."""
-        batch, length, _ = x.shape
-        shape = (batch, length, self.heads, self.head_dim)
-        q = self.q_norm(self.q_proj(x).view(shape)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(shape)).transpose(1, 2)
-        v = self.v_proj(x).view(shape).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def merge(self, out: torch.Tensor) -> torch.Tensor:
-        return self.o_proj(out.transpose(1, 2).flatten(2))  # (S, H, T, D) -> (S, T, dim)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LayerKV | None = None, present: torch.Tensor | None = None) -> torch.Tensor:
-        """Whole-sequence attention (causal, or `mask` (S, H|1, T, T) True = attend); fills `cache` if given."""
-        q, k, v = self.project(x, cos, sin)
-        if cache is not None:
-            cache.write_prefix(k, v, present)
-        return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None))
-
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV,
-             position: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence against the cache. x: (S, 1, dim)."""
-        q, k, v = self.project(x, cos, sin)
-        cache.append(k, v, position)
-        return self.merge(cache.attend(q))
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm Llama block, or with `swin_norm` the norms applied to each branch's output instead."""
-
-    def __init__(self, config: ChameleonLMConfig):
-        super().__init__()
-        self.swin_norm = config.swin_norm
-        self.self_attn = Attention(config)
-        self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-    def _residuals(self, x: torch.Tensor, attend) -> torch.Tensor:
-        if self.swin_norm:
-            h = x + self.input_layernorm(attend(x))
-            return h + self.post_attention_layernorm(self.mlp(h))
-        h = x + attend(self.input_layernorm(x))
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LayerKV | None = None, present: torch.Tensor | None = None) -> torch.Tensor:
-        return self._residuals(x, lambda h: self.self_attn(h, cos, sin, mask, cache, present))
-
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV,
-             position: torch.Tensor) -> torch.Tensor:
-        return self._residuals(x, lambda h: self.self_attn.step(h, cos, sin, cache, position))
+        factor = self.rope_scaling["factor"] if self.rope_scaling and self.rope_scaling["rope_type"] == "linear" else 1.0
+        return inverse_frequencies(self.head_dim, self.rope_theta, device, factor)
 
 
 class ChameleonDecoder(nn.Module):
@@ -211,7 +101,11 @@ class ChameleonDecoder(nn.Module):
     def __init__(self, config: ChameleonLMConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim,
+                         config.rms_norm_eps, bias=config.attention_bias, mlp_bias=config.mlp_bias, qk_norm=True,
+                         swin_norm=config.swin_norm)
+            for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
