@@ -65,8 +65,8 @@ class LayerKV:
         self.blocked: torch.Tensor | None = None  # (S, 1, C) padding slots of shorter prompts
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.keys, self.values, self.positions, self.valid, self.received, self.line_queries)
-                if t is not None]
+        return [t for t in (self.keys, self.values, self.positions, self.valid, self.received, self.line_queries,
+                            self.blocked) if t is not None]
 
     def slot_bytes(self) -> int:
         """Bytes of one slot across sequences and heads (keys, values, position, mask)."""
