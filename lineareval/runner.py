@@ -23,11 +23,13 @@ from lineareval.cache import CachePolicy
 from lineareval.config import call_target, resolve_device, resolve_dtype
 from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory
-from lineareval.record import RunRecord, environment_info, is_finished, load_record, save_record, write_npz_atomic
+from lineareval.record import (METRICS_FILE, RunRecord, environment_info, is_finished, load_record, save_record,
+                               write_json_atomic, write_npz_atomic)
 
 log = logging.getLogger(__name__)
 
-IGNORED_ON_RESUME = ("force", "grid_images")
+IGNORED_ON_RESUME = ("force", "grid_images", "stage")
+STAGES = ("generate", "evaluate", "all")
 
 
 class RunConflictError(RuntimeError):
@@ -83,6 +85,23 @@ def timed_generation(generator, policy: CachePolicy, budget: int, conditions, sa
                     "peak_memory_method": memory.method}
 
 
+def decode(generator, tokens: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """uint8 images, resized to the benchmark's resolution when it asks for one."""
+    return generator.decode_images(tokens) if resolution is None else generator.decode_images(tokens, size=resolution)
+
+
+def evaluate_run(run_dir: Path, benchmark, record: dict, device: torch.device) -> dict:
+    """Score a finished generation and add the metrics to its metrics.json (written atomically)."""
+    metrics = benchmark.evaluate(run_dir, device)
+    clash = sorted(set(metrics) & (set(record) - {"evaluated"}))
+    if clash:
+        raise ValueError(f"benchmark metrics {clash} would overwrite fields of the record")
+    record = {**record, **metrics, "evaluated": True}
+    write_json_atomic(run_dir / METRICS_FILE, record)
+    log.info("%s: %s", run_dir, ", ".join(f"{key}={value}" for key, value in metrics.items()) or "no metrics")
+    return record
+
+
 def save_grid(images: np.ndarray, path: Path, count: int) -> None:
     """PNG grid of the first `count` images (uint8 [n, H, W, 3])."""
     shown = torch.from_numpy(images[:count]).permute(0, 3, 1, 2)
@@ -94,9 +113,20 @@ def run(cfg: DictConfig) -> dict:
     """Generate, measure and record one run; returns the record (skips finished runs unless forced)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(cfg.run_dir)
-    if not cfg.force and (record := _existing_result(run_dir, resolved)) is not None:
-        log.info("%s is finished; skipping (force=true reruns it)", run_dir)
-        return record
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    benchmark = call_target(cfg.benchmark, exclude=("name",))
+    existing = None if cfg.force else _existing_result(run_dir, resolved)
+    if cfg.stage == "evaluate" and existing is None:
+        raise FileNotFoundError(f"stage=evaluate needs a finished generation in {run_dir} (metrics.json and "
+                                "samples.npz); run stage=generate or stage=all first")
+    if existing is not None:
+        if cfg.stage == "generate" or existing.get("evaluated", True):
+            log.info("%s is finished; skipping (force=true reruns it)", run_dir)
+            return existing
+        return evaluate_run(run_dir, benchmark, existing, resolve_device(cfg.device))
+    if cfg.stage == "all" and hasattr(benchmark, "check"):
+        benchmark.check()  # e.g. the reference batch: fail before hours of sampling, not after
     for field in ("num_samples", "batch_size"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             raise ValueError(f"{field} must be a positive integer, got {cfg[field]!r}")
@@ -109,7 +139,6 @@ def run(cfg: DictConfig) -> dict:
     budget = keep.budget(layout.num_visual)
     check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=cfg.cache.name,
                  model=cfg.model.name)
-    benchmark = call_target(cfg.benchmark, exclude=("name",))
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
 
@@ -125,7 +154,7 @@ def run(cfg: DictConfig) -> dict:
             costs.append(cost)
             all_tokens.append(tokens.cpu())
             if cfg.decode_images:
-                all_images.append(generator.decode_images(tokens).cpu())
+                all_images.append(decode(generator, tokens, getattr(benchmark, "resolution", None)).cpu())
             progress.update(len(ids))
 
     tokens = torch.cat(all_tokens).numpy()
@@ -144,8 +173,10 @@ def run(cfg: DictConfig) -> dict:
         peak_memory_method=costs[0]["peak_memory_method"], **worst, latency_s_per_batch=total_time / len(costs),
         generation_time_s=total_time, images_per_s=len(samples) / total_time,
         tokens_per_s=len(samples) * layout.num_visual / total_time, **environment_info(device),
-        extra={"policy": policy.describe(), **benchmark.evaluate(run_dir)})
-    save_record(record, run_dir)
+        extra={"policy": policy.describe(), "evaluated": False})
+    save_record(record, run_dir)  # generation is safe on disk before any scoring starts
+    if cfg.stage == "all":
+        return evaluate_run(run_dir, benchmark, record.to_dict(), device)
     log.info("%s: %.2f images/s, KV cache %.1f MiB allocated, peak memory %.1f MiB (%s) -> %s",
              cfg.cache.name, record.images_per_s, record.kv_cache_capacity_bytes / 2**20,
              record.peak_memory_bytes / 2**20, record.peak_memory_method, run_dir)

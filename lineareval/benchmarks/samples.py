@@ -81,5 +81,5 @@ class Samples:
         labels = class_labels(cfg.seed, ids, generator.num_classes)
         return SampleSet(ids, labels, {"labels": labels.numpy()})
 
-    def evaluate(self, run_dir: Path) -> dict:
+    def evaluate(self, run_dir: Path, device: torch.device | str = "cpu") -> dict:
         return {}

@@ -85,10 +85,14 @@ class LlamaGenGenerator:
         return uncond + (cond - uncond) * self.sampling.cfg_scale
 
     @torch.inference_mode()
-    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N) token ids -> (B, H, W, 3) uint8 images."""
+    def decode_images(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """(B, N) token ids -> (B, H, W, 3) uint8 images; `size` resizes first, bicubic on the [-1, 1]
+        tensor, as LlamaGen's FID sampler does (384 -> 256)."""
         grid = (self.layout.rows, self.layout.line_len)
-        return to_uint8(self.vq.decode_codes(tokens.to(self.vq.quant_conv.weight.device), grid))
+        images = self.vq.decode_codes(tokens.to(self.vq.quant_conv.weight.device), grid)
+        if size is not None and images.shape[-1] != size:
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic")
+        return to_uint8(images)
 
 
 def _initialise_random(gpt: LlamaGen, vq: VQModel, seed: int) -> None:
