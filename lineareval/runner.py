@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -102,6 +103,30 @@ def evaluate_run(run_dir: Path, benchmark, record: dict, device: torch.device) -
     return record
 
 
+def run_suite(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path) -> dict:
+    """Run a multi-policy benchmark in this process; its rows become the run's record and a CSV."""
+    from lineareval.benchmarks.efficiency import paper_table
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    generator = build_generator(cfg, device, dtype)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    rows = benchmark.run_suite(cfg, generator, device)
+    environment = environment_info(device)
+    record = {"benchmark": cfg.benchmark.name, "model": cfg.model.name, "weights": cfg.weights,
+              "weights_files": generator.weight_files, "dtype": str(dtype).removeprefix("torch."),
+              "device": str(device), **environment, "rows": rows}
+    table = pd.DataFrame(rows).assign(device_name=environment["device_name"], weights=cfg.weights)
+    temporary = run_dir / ".efficiency.csv.tmp"
+    table.to_csv(temporary, index=False)
+    temporary.replace(run_dir / "efficiency.csv")
+    write_json_atomic(run_dir / METRICS_FILE, record)  # last: marks the run finished
+    log.info("%s, weights=%s, %s, %s\n%s", cfg.model.name, cfg.weights, record["dtype"], environment["device_name"],
+             paper_table(rows))
+    return record
+
+
 def save_grid(images: np.ndarray, path: Path, count: int) -> None:
     """PNG grid of the first `count` images (uint8 [n, H, W, 3])."""
     shown = torch.from_numpy(images[:count]).permute(0, 3, 1, 2)
@@ -125,6 +150,8 @@ def run(cfg: DictConfig) -> dict:
             log.info("%s is finished; skipping (force=true reruns it)", run_dir)
             return existing
         return evaluate_run(run_dir, benchmark, existing, resolve_device(cfg.device))
+    if hasattr(benchmark, "run_suite"):  # a benchmark that runs several policies itself (efficiency)
+        return run_suite(cfg, benchmark, resolved, run_dir)
     if cfg.stage == "all" and hasattr(benchmark, "check"):
         benchmark.check()  # e.g. the reference batch: fail before hours of sampling, not after
     for field in ("num_samples", "batch_size"):
