@@ -9,30 +9,11 @@ import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import JanusForConditionalGeneration, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from lineareval.benchmarks.samples import load_prompts, text_samples
 from lineareval.models.weights import MissingWeightsError
 from lineareval.runner import run
-from test_janus import tiny_config
-
-SPECIAL = ["<pad>", "<bos>", "<begin_of_image>", "<unk>", "<|User|>", "<|Assistant|>"]
-
-
-@pytest.fixture(scope="module")
-def janus_folder(tmp_path_factory) -> Path:
-    """A tiny transformers-native Janus folder with a real (tiny) tokenizer, as on the hub."""
-    folder = tmp_path_factory.mktemp("Janus-tiny")
-    torch.manual_seed(0)
-    JanusForConditionalGeneration(tiny_config(patches=6)).save_pretrained(folder)
-    words = SPECIAL + ["a", "red", "apple", "green", "pear", ":"]
-    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", pad_token="<pad>",
-                                        unk_token="<unk>", additional_special_tokens=SPECIAL[2:3] + SPECIAL[4:])
-    tokenizer.save_pretrained(folder)
-    return folder
-
 
 def test_prompt_sources(tmp_path):
     assert load_prompts("a red apple", None) == ["a red apple"]
