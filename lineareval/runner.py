@@ -88,7 +88,7 @@ def timed_generation(generator, policy: CachePolicy, budget: int, conditions, sa
 
 def decode(generator, tokens: torch.Tensor, resolution: int | None) -> torch.Tensor:
     """uint8 images, resized to the benchmark's resolution when it asks for one."""
-    return generator.decode_images(tokens) if resolution is None else generator.decode_images(tokens, size=resolution)
+    return generator.decode_images(tokens, size=resolution)
 
 
 def evaluate_run(run_dir: Path, benchmark, record: dict, device: torch.device) -> dict:

@@ -69,3 +69,17 @@ def janus_folder(tmp_path_factory) -> Path:
                                         unk_token="<unk>", additional_special_tokens=special[2:3] + special[4:])
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_file(tmp_path_factory) -> Path:
+    """A tiny random OpenAI CLIP saved as a safetensors state dict (no download)."""
+    from clip.model import CLIP
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
+                 context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, path)
+    return path

@@ -104,9 +104,12 @@ class JanusAdapter:
         return uncond + (cond - uncond) * self.sampling.cfg_scale
 
     @torch.inference_mode()
-    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N) -> (B, H, W, 3) uint8, as the official `(x + 1) / 2 * 255` clipped and truncated."""
+    def decode_images(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """(B, N) -> (B, H, W, 3) uint8, as the official `(x + 1) / 2 * 255` clipped and truncated;
+        `size` resizes first (bicubic on the [-1, 1] tensor)."""
         pixels = self.vqmodel.decode(tokens.to(self.vqmodel.post_quant_conv.weight.device)).float()
+        if size is not None and pixels.shape[-1] != size:
+            pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic")
         return torch.clamp((pixels + 1) / 2 * 255, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
 

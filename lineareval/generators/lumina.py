@@ -136,8 +136,9 @@ class LuminaAdapter:
         return Generation(tokens, caches)
 
     @torch.inference_mode()
-    def decode_images(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, rows * (side + 1)) -> (B, H, W, 3) uint8 through the vocabulary and the Chameleon VQGAN."""
+    def decode_images(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """(B, rows * (side + 1)) -> (B, H, W, 3) uint8 through the vocabulary and the Chameleon VQGAN;
+        `size` resizes first (bicubic on the [-1, 1] tensor)."""
         from lineareval.models.chameleon_vqgan import to_uint8
 
         if not self.can_decode:
@@ -148,7 +149,10 @@ class LuminaAdapter:
             raise ValueError("token rows do not end with the new-line token: not a Lumina image layout")
         codes = self.vocabulary.bpe_to_code(rows[:, :, :-1].reshape(len(tokens), -1).cpu())
         device = next(self.vqgan.parameters()).device
-        return to_uint8(self.vqgan.decode_codes(codes.to(device), (self.side, self.side)))
+        images = self.vqgan.decode_codes(codes.to(device), (self.side, self.side))
+        if size is not None and images.shape[-1] != size:
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic")
+        return to_uint8(images)
 
 
 CHAMELEON_FILES = ("vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json")
