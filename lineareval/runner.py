@@ -135,7 +135,20 @@ def save_grid(images: np.ndarray, path: Path, count: int) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Generate, measure and record one run; returns the record (skips finished runs unless forced)."""
+    """Generate, measure and record one run, mirrored to the configured logger (finished on failure too)."""
+    logger = call_target(cfg.logger, exclude=("name",))
+    failed = True
+    try:
+        logger.start(OmegaConf.to_container(cfg, resolve=True), Path(cfg.run_dir))
+        record = _run(cfg)
+        logger.log_record(record, Path(cfg.run_dir))
+        failed = False
+        return record
+    finally:
+        logger.finish(failed)
+
+
+def _run(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(cfg.run_dir)
     if cfg.stage not in STAGES:
