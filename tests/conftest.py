@@ -83,3 +83,17 @@ def tiny_clip_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("clip") / "tiny_clip.safetensors"
     save_file({key: value.contiguous() for key, value in model.state_dict().items()}, path)
     return path
+
+
+@pytest.fixture
+def reference_for_collect(tmp_path) -> Path:
+    """A 64 px ADM-layout reference batch and a tiny extractor registered as 'tiny-collect'."""
+    import numpy as np
+
+    from lineareval.metrics.features import ExtractorSpec, register_extractor
+    from test_fid import TinyExtractor
+
+    register_extractor(ExtractorSpec("tiny-collect", TinyExtractor, "pool", protocol="tiny v1"))
+    path = tmp_path / "reference.npz"
+    np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (32, 64, 64, 3), dtype=np.uint8))
+    return path
