@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all clean
+.PHONY: help setup demo test test-all collect clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: setup ## the default test suite (CPU, no downloads; excludes slow and gpu 
 
 test-all: setup ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+collect: setup ## gather every finished run under outputs/ into results/*.csv (beside the paper's numbers)
+	$(PY) scripts/collect.py outputs --out results
 
 clean: ## remove run outputs (keeps .venv and weights/)
 	rm -rf outputs multirun
