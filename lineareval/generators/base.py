@@ -31,6 +31,17 @@ class Generation:
         return sum(cache.high_water_bytes() for cache in self.caches)
 
 
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths -> left-padded ids (S, P) and the mask of real tokens (S, P)."""
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    present = torch.zeros(len(rows), length, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, length - len(row):] = torch.tensor(row)
+        present[index, length - len(row):] = True
+    return ids.to(device), present.to(device)
+
+
 class WordHashTokenizer:
     """Stand-in tokenizer for `weights=random` speed runs without tokenizer files: word -> crc32 id.
 

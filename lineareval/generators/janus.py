@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lineareval.cache import CachePolicy, TokenLayout
-from lineareval.generators.base import Generation, StepObserver, load_tokenizer
+from lineareval.generators.base import Generation, StepObserver, left_pad, load_tokenizer
 from lineareval.models.janus import JanusGenerator
 from lineareval.sampling import SamplingConfig, sample_tokens
 
@@ -64,13 +64,7 @@ class JanusAdapter:
         rows = self.encode(prompts)
         if self.sampling.guided:
             rows = rows + [self.unconditional(ids) for ids in rows]
-        length = max(len(ids) for ids in rows)
-        ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        present = torch.zeros(len(rows), length, dtype=torch.bool)
-        for row, tokens in enumerate(rows):
-            ids[row, length - len(tokens):] = torch.tensor(tokens)
-            present[row, length - len(tokens):] = True
-        return ids.to(self.device), present.to(self.device)
+        return left_pad(rows, self.tokenizer.pad_token_id, self.device)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,

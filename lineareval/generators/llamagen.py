@@ -14,6 +14,7 @@ import torch
 
 from lineareval.cache import CachePolicy, KVCache, TokenLayout
 from lineareval.generators.base import Generation, StepObserver
+from lineareval.models.init import initialise_random
 from lineareval.models.checkpoint import extract_model_state, load_into, load_state_dict_file
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
 from lineareval.models.vq import VQConfig, VQModel, to_uint8
@@ -96,17 +97,8 @@ class LlamaGenGenerator:
 
 
 def _initialise_random(gpt: LlamaGen, vq: VQModel, seed: int) -> None:
-    """Official init (normal, std 0.02) for a speed benchmark; the output layer is not zeroed, so
-    logits are informative enough to exercise sampling."""
-    generator = torch.Generator().manual_seed(seed)
-    for module in (gpt, vq):
-        for name, parameter in module.named_parameters():
-            if parameter.dim() > 1:
-                parameter.data.normal_(0.0, 0.02, generator=generator)
-            elif "norm" in name:
-                parameter.data.fill_(1.0)
-            else:
-                parameter.data.zero_()
+    """Random GPT and tokenizer for a speed benchmark; the codebook is L2-normalised as trained ones are."""
+    initialise_random([gpt, vq], seed)
     for buffer in vq.buffers():
         buffer.zero_()  # codebook-usage statistics: unused at inference
     codebook = vq.quantize.embedding.weight.data

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from lineareval.cache import CachePolicy, TokenLayout
-from lineareval.generators.base import Generation, StepObserver, load_tokenizer
+from lineareval.generators.base import Generation, StepObserver, left_pad, load_tokenizer
 from lineareval.models.chameleon import ChameleonLM
 from lineareval.sampling import SamplingConfig, sample_tokens
 
@@ -85,13 +85,7 @@ class LuminaAdapter:
         texts = [self.prompt_template.format(width=self.resolution, height=self.resolution, prompt=prompt)
                  + self.tokens.end_of_turn for prompt in prompts]
         rows = [list(ids) + self.image_header() for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
-        length = max(len(row) for row in rows)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        present = torch.zeros(len(rows), length, dtype=torch.bool)
-        for index, row in enumerate(rows):
-            ids[index, length - len(row):] = torch.tensor(row)
-            present[index, length - len(row):] = True
-        return ids.to(self.device), present.to(self.device)
+        return left_pad(rows, 0, self.device)
 
     def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
         """Only image tokens may be sampled inside a row (the official MultiModalLogitsProcessor)."""
@@ -165,6 +159,7 @@ def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: d
     """Build from `conf/model/lumina_mgpt_*.yaml`: `path` is a hub id or a local folder."""
     from lineareval.models.chameleon import ChameleonLMConfig, load_chameleon_lm
     from lineareval.models.hub import resolve_model_folder
+    from lineareval.models.init import initialise_random
 
     chameleon = Path(chameleon_dir or Path(weights_dir) / "chameleon" / "tokenizer").expanduser().resolve()
     missing = [file for file in CHAMELEON_FILES if not (chameleon / file).exists()]
@@ -192,12 +187,7 @@ def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: d
         with torch.device("meta"):
             network = ChameleonLM(ChameleonLMConfig(**lm))
         network = network.to(dtype).to_empty(device=device)
-        generator = torch.Generator(device=device).manual_seed(seed)
-        for parameter_name, parameter in network.named_parameters():
-            if parameter.dim() > 1:
-                parameter.data.normal_(0.0, 0.02, generator=generator)
-            else:
-                parameter.data.fill_(0.0 if parameter_name.endswith("bias") else 1.0)
+        initialise_random([network], seed, device)  # 1-D parameters: RMSNorm gains 1, biases 0
         folder, files = None, []
     else:
         raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")

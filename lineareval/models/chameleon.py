@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from lineareval.cache import KVCache, TokenLayout
-from lineareval.models.checkpoint import CheckpointError, load_into, load_state_dict_file
+from lineareval.models.hub import checkpoint_files
+from lineareval.models.checkpoint import load_into, load_state_dict_file
 from lineareval.models.layers import DecoderLayer, RMSNorm, inverse_frequencies, rotary
 from lineareval.models.weights import MissingWeightsError
 
@@ -194,28 +195,6 @@ class ChameleonLM(nn.Module):
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
-
-def checkpoint_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a HF checkpoint: a folder, a `.safetensors` file or an index `.json`."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        index = path / "model.safetensors.index.json"
-        path = index if index.exists() else path / "model.safetensors"
-    if not path.exists():
-        raise MissingWeightsError(f"No Chameleon checkpoint at {path}: expected a folder holding model.safetensors "
-                                  "or model.safetensors.index.json with its shards "
-                                  "(e.g. a download of Alpha-VLLM/Lumina-mGPT-7B-768).")
-    if path.suffix != ".json":
-        return [path]
-    try:
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError) as error:
-        raise CheckpointError(f"Cannot read the shard index {path}: {error!r}") from error
-    missing = [name for name in shards if not (path.parent / name).exists()]
-    if missing:
-        raise MissingWeightsError(f"Shards listed in {path} are missing next to it: {', '.join(missing)}")
-    return [path.parent / name for name in shards]
-
 
 def expand_qk_norms(state: dict[str, torch.Tensor], heads: int) -> dict[str, torch.Tensor]:
     """Give q/k norm gains and biases one row per head.

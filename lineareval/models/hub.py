@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 
+from lineareval.models.checkpoint import CheckpointError
 from lineareval.models.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -41,3 +43,25 @@ def resolve_model_folder(path: str, weights_dir: str | Path, *, download: bool =
             f"Missing model files in {folder}: {', '.join(missing)}.\n{source}\n"
             "Random weights are only used when asked for explicitly with weights=random (for speed benchmarks).")
     return folder
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a HF checkpoint: a folder, a `.safetensors` file or an index `.json`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        index = path / "model.safetensors.index.json"
+        path = index if index.exists() else path / "model.safetensors"
+    if not path.exists():
+        raise MissingWeightsError(f"No checkpoint at {path}: expected a folder holding model.safetensors "
+                                  "or model.safetensors.index.json with its shards "
+                                  "(a Hugging Face model download, e.g. Alpha-VLLM/Lumina-mGPT-7B-768).")
+    if path.suffix != ".json":
+        return [path]
+    try:
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError) as error:
+        raise CheckpointError(f"Cannot read the shard index {path}: {error!r}") from error
+    missing = [name for name in shards if not (path.parent / name).exists()]
+    if missing:
+        raise MissingWeightsError(f"Shards listed in {path} are missing next to it: {', '.join(missing)}")
+    return [path.parent / name for name in shards]

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lineareval.models.checkpoint import CheckpointError, load_into
+from lineareval.models.checkpoint import CheckpointError, load_into, load_state_dict_file
+from lineareval.models.hub import checkpoint_files
+from lineareval.models.init import initialise_random
 from lineareval.models.llama import LlamaConfig, LlamaDecoder
 
 log = logging.getLogger(__name__)
@@ -90,23 +92,6 @@ def read_hf_config(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_safetensors(folder: Path, keep_prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The tensors of a (sharded) safetensors checkpoint whose names start with one of `keep_prefixes`."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
-    state = {}
-    for name in files:
-        if not (folder / name).exists():
-            raise FileNotFoundError(f"{folder / name} is missing (listed by the checkpoint's index)")
-        with safe_open(str(folder / name), framework="pt") as handle:
-            for key in handle.keys():
-                if key.startswith(keep_prefixes):
-                    state[key] = handle.get_tensor(key)
-    return state
-
-
 def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32):
     """Our JanusGenerator and transformers' JanusVQVAE from a transformers-native Janus folder."""
     from transformers.models.janus.configuration_janus import JanusVQVAEConfig
@@ -119,7 +104,10 @@ def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32):
                               "vq_config); use deepseek-community/Janus-Pro-1B or -7B, not deepseek-ai/Janus-Pro-*")
     vq_fields = {k: v for k, v in config["vq_config"].items() if k in JanusGenConfig.__dataclass_fields__}
     network = JanusGenerator(LlamaConfig.from_hf(config["text_config"]), JanusGenConfig(**vq_fields))
-    state = read_safetensors(folder, ("model.language_model.", "model.generation_", "model.vqmodel."))
+    state = {}
+    for file in checkpoint_files(folder):  # the SigLIP understanding tower is dropped right away
+        state.update({key: value for key, value in load_state_dict_file(file).items()
+                      if key.startswith(("model.language_model.", "model.generation_", "model.vqmodel."))})
     ours = {key.removeprefix("model."): value for key, value in state.items() if not key.startswith("model.vqmodel.")}
     load_into(network, ours, source=str(folder))
     vqmodel = JanusVQVAE(JanusVQVAEConfig(**config["vq_config"]))
@@ -139,11 +127,6 @@ def random_janus(text: dict, gen: dict, vq: dict, seed: int, dtype: torch.dtype 
     with torch.device("meta"):
         network = JanusGenerator(LlamaConfig(**text), JanusGenConfig(**gen))
     network.to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, parameter in network.named_parameters():
-        if parameter.dim() > 1:
-            parameter.data.normal_(0.0, 0.02, generator=generator)
-        else:
-            parameter.data.fill_(1.0 if "norm" in name else 0.0)
+    initialise_random([network], seed, device)
     vqmodel = JanusVQVAE(JanusVQVAEConfig(**vq))
     return network.to(dtype).eval(), vqmodel.eval()
