@@ -109,6 +109,7 @@ class JanusAdapter:
 
 def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,
                 weights_dir: str, device: str | torch.device, dtype: torch.dtype, download: bool = True, seed: int = 0,
+                compile: bool = False,
                 prompt_template: str = JanusAdapter.prompt_template,
                 image_start: str = JanusAdapter.image_start) -> JanusAdapter:
     """Build from `conf/model/janus_pro_*.yaml`: `path` is a hub id or a local transformers-native folder."""

@@ -108,7 +108,8 @@ def _initialise_random(gpt: LlamaGen, vq: VQModel, seed: int) -> None:
 def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq_file: str | None,
                     gpt_ckpt: str | None, vq_ckpt: str | None, vq: dict, sampling: dict, weights: str,
                     weights_dir: str | Path, device: str | torch.device, dtype: torch.dtype,
-                    download: bool = True, seed: int = 0, **gpt_fields) -> LlamaGenGenerator:
+                    download: bool = True, seed: int = 0, compile: bool = False,
+                    **gpt_fields) -> LlamaGenGenerator:
     """Build from a `conf/model/llamagen*.yaml` block; load official files unless `weights=random`."""
     config = LlamaGenConfig(**gpt_fields)
     if weights not in ("checkpoint", "random"):

@@ -154,7 +154,7 @@ CHAMELEON_FILES = ("vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json")
 
 def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: dict, weights: str, weights_dir: str,
                  device: str | torch.device, dtype: torch.dtype, chameleon_dir: str | None = None,
-                 tokens: dict | None = None, download: bool = True, seed: int = 0,
+                 tokens: dict | None = None, download: bool = True, seed: int = 0, compile: bool = False,
                  prompt_template: str = LuminaAdapter.prompt_template) -> LuminaAdapter:
     """Build from `conf/model/lumina_mgpt_*.yaml`: `path` is a hub id or a local folder."""
     from lineareval.models.chameleon import ChameleonLMConfig, load_chameleon_lm
