@@ -4,11 +4,16 @@ Run folder contents: `config.yaml` (resolved), `tokens.npz` (`tokens` [n, N] plu
 `prompts`, `prompt_index`, `image_index`),
 `samples.npz` (ADM layout: `arr_0` uint8 [n, H, W, 3]), `samples.png` (a grid of the first samples),
 and `metrics.json`, written last: its presence marks the run finished.
+
+Sampling goes batch by batch into `shards/` (lineareval/shards.py), so an interrupted run resumes with
+the missing batches only, and `torchrun --nproc_per_node=K run.py ...` splits the batches over K ranks;
+rank 0 merges the shards into the files above, removes them, and evaluates.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -20,9 +25,11 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
+from lineareval import distributed, shards
 from lineareval.cache import CachePolicy
 from lineareval.config import call_target, resolve_device, resolve_dtype
 from lineareval.keep import check_budget, parse_keep
+from lineareval.loggers import NoLogger
 from lineareval.memory import PeakMemory
 from lineareval.record import (METRICS_FILE, RunRecord, environment_info, is_finished, load_record, save_record,
                                write_json_atomic, write_npz_atomic)
@@ -45,7 +52,13 @@ def build_policy(cache_cfg: DictConfig) -> CachePolicy:
 def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     """The model adapter of `conf/model/<name>.yaml`, with the run's sampling and weights choices."""
     return call_target(cfg.model, sampling=OmegaConf.to_container(cfg.sampling, resolve=True), weights=cfg.weights,
-                       weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype, seed=cfg.seed)
+                       weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype, seed=cfg.seed,
+                       compile=cfg.compile)
+
+
+def _changed_keys(stored: dict, resolved: dict) -> list[str]:
+    return sorted(key for key in set(stored) | set(resolved)
+                  if key not in IGNORED_ON_RESUME and stored.get(key) != resolved.get(key))
 
 
 def _existing_result(run_dir: Path, resolved: dict) -> dict | None:
@@ -53,8 +66,7 @@ def _existing_result(run_dir: Path, resolved: dict) -> dict | None:
     if not is_finished(run_dir):
         return None
     stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    changed = sorted(key for key in set(stored) | set(resolved)
-                     if key not in IGNORED_ON_RESUME and stored.get(key) != resolved.get(key))
+    changed = _changed_keys(stored, resolved)
     if changed:
         raise RunConflictError(f"{run_dir} already holds a finished run with a different configuration (differs in: "
                                f"{', '.join(changed)}); pass force=true to overwrite or run_dir=... to keep both")
@@ -135,20 +147,43 @@ def save_grid(images: np.ndarray, path: Path, count: int) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Generate, measure and record one run, mirrored to the configured logger (finished on failure too)."""
-    logger = call_target(cfg.logger, exclude=("name",))
+    """Generate, measure and record one run, mirrored to the configured logger (finished on failure too).
+
+    Under torchrun (or several Slurm tasks) every rank samples its share of the shards and rank 0 merges,
+    evaluates and logs; the other ranks return a summary of their share.
+    """
+    ranks = distributed.setup()
+    logger = call_target(cfg.logger, exclude=("name",)) if ranks.is_main else NoLogger()
     failed = True
     try:
         logger.start(OmegaConf.to_container(cfg, resolve=True), Path(cfg.run_dir))
-        record = _run(cfg)
+        record = _run(cfg, ranks)
         logger.log_record(record, Path(cfg.run_dir))
         failed = False
         return record
     finally:
         logger.finish(failed)
+        distributed.teardown(ranks)
 
 
-def _run(cfg: DictConfig) -> dict:
+def _partial_run(run_dir: Path, resolved: dict, force: bool) -> None:
+    """Keep the finished shards of an interrupted run with the same config; refuse those of another config."""
+    folder = run_dir / shards.SHARDS_DIR
+    if force:  # the old record goes first, so an interrupted forced rerun is not mistaken for finished
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+        return
+    if not folder.exists():
+        return
+    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) if (run_dir / "config.yaml").exists() else {}
+    changed = _changed_keys(stored, resolved)
+    if changed:
+        raise RunConflictError(f"{folder} holds shards of an unfinished run with a different configuration (differs "
+                               f"in: {', '.join(changed)}); pass force=true to discard them or run_dir=... to keep both")
+    log.info("resuming %s from its finished shards", run_dir)
+
+
+def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_dir = Path(cfg.run_dir)
     if cfg.stage not in STAGES:
@@ -159,19 +194,22 @@ def _run(cfg: DictConfig) -> dict:
         raise FileNotFoundError(f"stage=evaluate needs a finished generation in {run_dir} (metrics.json and "
                                 "samples.npz); run stage=generate or stage=all first")
     if existing is not None:
-        if cfg.stage == "generate" or existing.get("evaluated", True):
+        if cfg.stage == "generate" or existing.get("evaluated", True) or not ranks.is_main:
             log.info("%s is finished; skipping (force=true reruns it)", run_dir)
             return existing
         return evaluate_run(run_dir, benchmark, existing, resolve_device(cfg.device))
     if hasattr(benchmark, "run_suite"):  # a benchmark that runs several policies itself (efficiency)
+        if ranks.distributed:
+            raise ValueError(f"benchmark={cfg.benchmark.name} measures one process on one device (the paper's "
+                             "protocol): start it without torchrun / with one task")
         return run_suite(cfg, benchmark, resolved, run_dir)
-    if cfg.stage == "all" and hasattr(benchmark, "check"):
+    if cfg.stage == "all" and hasattr(benchmark, "check") and ranks.is_main:
         benchmark.check()  # e.g. the reference batch: fail before hours of sampling, not after
     for field in ("num_samples", "batch_size"):
         if not isinstance(cfg[field], int) or cfg[field] < 1:
             raise ValueError(f"{field} must be a positive integer, got {cfg[field]!r}")
     keep = parse_keep(cfg.keep)
-    device = resolve_device(cfg.device)
+    device = ranks.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     policy = build_policy(cfg.cache)
     generator = build_generator(cfg, device, dtype)
@@ -179,28 +217,43 @@ def _run(cfg: DictConfig) -> dict:
     budget = keep.budget(layout.num_visual)
     check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=cfg.cache.name,
                  model=cfg.model.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    if ranks.is_main:
+        _partial_run(run_dir, resolved, cfg.force)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    ranks.barrier()  # shards of another config are gone before any rank looks for its own
 
     if cfg.decode_images and not getattr(generator, "can_decode", True):
         generator.decode_images(None)  # raises the adapter's message about the missing decoder files
     samples = benchmark.samples(cfg, generator)
-    all_tokens, all_images, costs = [], [], []
-    progress = tqdm(total=len(samples), desc=f"{cfg.model.name} {cfg.cache.name} keep={keep.text}", unit="img")
+    plan = shards.plan(len(samples), cfg.batch_size)
+    folder = run_dir / shards.SHARDS_DIR
+    mine = [plan[index] for index in ranks.shards(len(plan))]
+    todo = [shard for shard in mine if not shards.is_complete(folder, shard, layout.num_visual, cfg.decode_images)]
+    log.info("rank %d of %d: %d of its %d shards to sample", ranks.rank, ranks.world_size, len(todo), len(mine))
+    resolution = getattr(benchmark, "resolution", None)
+    description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text}"
+    if ranks.distributed:
+        description += f" rank {ranks.rank}/{ranks.world_size}"
+    progress = tqdm(total=sum(shard.size for shard in mine), initial=sum(shard.size for shard in mine) -
+                    sum(shard.size for shard in todo), desc=description, unit="img", disable=not ranks.is_main)
     with progress:
-        for start in range(0, len(samples), cfg.batch_size):
-            ids, conditions = samples.batch(start, start + cfg.batch_size, device)
+        for shard in todo:
+            ids, conditions = samples.batch(shard.start, shard.stop, device)
             tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
-            costs.append(cost)
-            all_tokens.append(tokens.cpu())
-            if cfg.decode_images:
-                all_images.append(decode(generator, tokens, getattr(benchmark, "resolution", None)).cpu())
-            progress.update(len(ids))
+            images = decode(generator, tokens, resolution).cpu().numpy() if cfg.decode_images else None
+            shards.save(folder, shard, tokens.cpu().numpy(), images, cost)
+            progress.update(shard.size)
+    ranks.barrier()
+    if not ranks.is_main:
+        return {"rank": ranks.rank, "shards": len(mine), "sampled_shards": len(todo)}
 
-    tokens = torch.cat(all_tokens).numpy()
-    write_npz_atomic(run_dir / "tokens.npz", tokens=tokens, **samples.arrays)
-    if all_images:
-        images = torch.cat(all_images).numpy()
+    parts = [shards.load(folder, shard) for shard in plan]
+    costs = [cost for _, _, cost in parts]
+    write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate([tokens for tokens, _, _ in parts]),
+                     **samples.arrays)
+    if cfg.decode_images:
+        images = np.concatenate([images for _, images, _ in parts])
         write_npz_atomic(run_dir / "samples.npz", arr_0=images)
         save_grid(images, run_dir / "samples.png", cfg.grid_images)
     total_time = sum(cost["generation_s"] for cost in costs)
@@ -213,8 +266,9 @@ def _run(cfg: DictConfig) -> dict:
         peak_memory_method=costs[0]["peak_memory_method"], **worst, latency_s_per_batch=total_time / len(costs),
         generation_time_s=total_time, images_per_s=len(samples) / total_time,
         tokens_per_s=len(samples) * layout.num_visual / total_time, **environment_info(device),
-        extra={"policy": policy.describe(), "evaluated": False})
+        extra={"policy": policy.describe(), "evaluated": False, "world_size": ranks.world_size})
     save_record(record, run_dir)  # generation is safe on disk before any scoring starts
+    shutil.rmtree(folder)  # merged into tokens.npz / samples.npz
     if cfg.stage == "all":
         return evaluate_run(run_dir, benchmark, record.to_dict(), device)
     log.info("%s: %.2f images/s, KV cache %.1f MiB allocated, peak memory %.1f MiB (%s) -> %s",
