@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
 import platform
 import subprocess
 import uuid
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -208,6 +210,28 @@ def write_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """np.savez to exactly `path` (no `.npz` appended), atomically."""
     with _atomic_file(Path(path)) as f:
         np.savez(f, **arrays)  # a file object, unlike a name, gets no suffix added
+
+
+def write_npz_stacked_atomic(path: str | os.PathLike, key: str, parts: Iterable[np.ndarray], count: int) -> None:
+    """An .npz holding one array `key`, the concatenation of `parts` along axis 0 (`count` rows in all),
+    written part by part: memory holds one part, not the whole array (50,000 samples are ~10 GB)."""
+    parts = iter(parts)
+    first = np.ascontiguousarray(next(parts))
+    header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
+              "shape": (count, *first.shape[1:])}
+    written = 0
+    with _atomic_file(Path(path)) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+            np.lib.format.write_array_header_2_0(member, header)
+            for part in itertools.chain([first], parts):
+                part = np.ascontiguousarray(part)
+                if part.dtype != first.dtype or part.shape[1:] != first.shape[1:]:
+                    raise ValueError(f"part of shape {part.shape} {part.dtype} does not stack onto {first.shape} "
+                                     f"{first.dtype}")
+                member.write(part.tobytes())
+                written += len(part)
+        if written != count:
+            raise ValueError(f"{written} rows written to {path}, {count} announced")
 
 
 def save_record(record: RunRecord, run_dir: str | os.PathLike) -> Path:

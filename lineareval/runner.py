@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from lineareval.keep import check_budget, parse_keep
 from lineareval.loggers import NoLogger
 from lineareval.memory import PeakMemory
 from lineareval.record import (METRICS_FILE, RunRecord, environment_info, is_finished, load_record, save_record,
-                               write_json_atomic, write_npz_atomic)
+                               write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -248,14 +249,15 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
     if not ranks.is_main:
         return {"rank": ranks.rank, "shards": len(mine), "sampled_shards": len(todo)}
 
-    parts = [shards.load(folder, shard) for shard in plan]
-    costs = [cost for _, _, cost in parts]
-    write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate([tokens for tokens, _, _ in parts]),
-                     **samples.arrays)
-    if cfg.decode_images:
-        images = np.concatenate([images for _, images, _ in parts])
-        write_npz_atomic(run_dir / "samples.npz", arr_0=images)
-        save_grid(images, run_dir / "samples.png", cfg.grid_images)
+    tokens, costs = zip(*((tokens, cost) for tokens, _, cost in map(partial(shards.load, folder), plan)))
+    write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate(tokens), **samples.arrays)
+    if cfg.decode_images:  # streamed, shard by shard
+        write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0",
+                                 (shards.load(folder, shard)[1] for shard in plan), len(samples))
+        shown = []
+        for shard in plan[:-(-cfg.grid_images // cfg.batch_size)]:  # the shards holding the first grid_images
+            shown.append(shards.load(folder, shard)[1])
+        save_grid(np.concatenate(shown), run_dir / "samples.png", cfg.grid_images)
     total_time = sum(cost["generation_s"] for cost in costs)
     worst = {key: max(cost[key] for cost in costs)
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}

@@ -172,3 +172,19 @@ def test_environment_info_in_git_repo(tmp_path, monkeypatch):
     assert info["git_dirty"] is False
     (tmp_path / "a.py").write_text("x = 2\n")
     assert environment_info(torch.device("cpu"))["git_dirty"] is True
+
+
+def test_stacked_npz_is_a_plain_npz_written_part_by_part(tmp_path):
+    from lineareval.record import write_npz_stacked_atomic
+
+    parts = [np.random.default_rng(i).integers(0, 256, (n, 4, 5, 3), dtype=np.uint8) for i, n in enumerate((3, 3, 1))]
+    path = tmp_path / "samples.npz"
+    write_npz_stacked_atomic(path, "arr_0", iter(parts), 7)
+    with np.load(path, allow_pickle=False) as data:
+        assert data.files == ["arr_0"]
+        np.testing.assert_array_equal(data["arr_0"], np.concatenate(parts))
+    with pytest.raises(ValueError, match="6 rows written"):
+        write_npz_stacked_atomic(tmp_path / "short.npz", "arr_0", parts[:2], 7)
+    with pytest.raises(ValueError, match="does not stack"):
+        write_npz_stacked_atomic(tmp_path / "odd.npz", "arr_0", [parts[0], parts[0][:, :2]], 6)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["samples.npz"]  # failures leave nothing behind
