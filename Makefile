@@ -3,9 +3,28 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# Sweeps (conf/experiment/): LAUNCHER=local runs a sweep's runs one after another in this process (Hydra's
+# basic launcher); LAUNCHER=slurm submits them as one Slurm array (conf/hydra/launcher/slurm.yaml) and
+# waits. ARGS adds Hydra overrides, e.g. ARGS='hydra.launcher.partition=gpu hydra.launcher.timeout_min=600'.
+LAUNCHER ?= local
+ARGS ?=
+SWEEP = $(PY) run.py -m $(if $(filter slurm,$(LAUNCHER)),hydra/launcher=slurm)
+
+ifeq ($(filter $(LAUNCHER),local slurm),)
+$(error LAUNCHER must be local or slurm, not '$(LAUNCHER)')
+endif
+
+# A quality grid: the full-cache baseline (full accepts only keep=1) and the experiment's policy x keep
+# sweep. On Slurm both are submitted at once (each launcher waits for its own jobs); locally, in turn.
+ifeq ($(LAUNCHER),slurm)
+grid = $(SWEEP) +experiment=$(1) cache=full keep=1 $(ARGS) & baseline=$$!; \
+	$(SWEEP) +experiment=$(1) $(ARGS); status=$$?; wait $$baseline && exit $$status
+else
+grid = $(SWEEP) +experiment=$(1) cache=full keep=1 $(ARGS) && $(SWEEP) +experiment=$(1) $(ARGS)
+endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all collect clean
+.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +49,22 @@ test: setup ## the default test suite (CPU, no downloads; excludes slow and gpu 
 
 test-all: setup ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+efficiency: setup ## the paper's efficiency table: full vs LineAR, six models at its batch sizes (random weights)
+	$(SWEEP) +experiment=efficiency $(ARGS)
+
+imagenet: setup ## ImageNet FID, LlamaGen-XL: full + window/streamingllm/h2o/linear x keep 1/4,1/6,1/8
+	$(call grid,imagenet)
+
+coco: setup ## COCO FID + CLIP score, Janus-Pro-1B: full + the four policies x keep 1/4,1/6,1/8
+	$(call grid,coco)
+
+dpg: setup ## DPG-Bench, Lumina-mGPT-768: full + the four policies x keep 1/4,1/6,1/8
+	$(call grid,dpg)
+
+ablations: setup ## LineAR ablations on ImageNet FID (LlamaGen-XL): keep, anchors, recent lines, score source
+	for experiment in ablation_keep ablation_anchors ablation_recent_lines ablation_score_source; do \
+		$(SWEEP) +experiment=$$experiment $(ARGS) || exit 1; done
 
 collect: setup ## gather every finished run under outputs/ into results/*.csv (beside the paper's numbers)
 	$(PY) scripts/collect.py outputs --out results
