@@ -38,11 +38,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
-demo: setup ## full cache and every policy at keep=1/4 on the tiny model with RANDOM weights (machinery only)
-	@echo "NOTE: llamagen_tiny with RANDOM weights: images are noise; this shows the cache machinery and costs."
-	$(PY) run.py -m weights=random num_samples=8 batch_size=4 cache=full keep=1
-	$(PY) run.py -m weights=random num_samples=8 batch_size=4 cache=window,streamingllm,h2o,linear keep=1/4
-	$(PY) scripts/summarize.py outputs/samples/llamagen_tiny
+demo: setup ## the embedded trained demo model: full cache and every policy at keep=1/4 on the same seeds; FID table + sample grid
+	$(PY) run.py model=demo benchmark=demo_fid cache=full keep=1
+	$(PY) run.py -m model=demo benchmark=demo_fid cache=window,streamingllm,h2o,linear keep=1/4
+	$(PY) scripts/demo_report.py outputs/demo_fid/demo
 
 test: setup ## the default test suite (CPU, no downloads; excludes slow and gpu tests)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)

@@ -20,14 +20,17 @@ MODEL_CONFIGS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml")
 
 @pytest.fixture
 def make_config(tmp_path, monkeypatch):
-    """Compose conf/config.yaml with overrides; CPU unless overridden, outputs under tmp_path, hub offline."""
+    """Compose conf/config.yaml with overrides; CPU, llamagen_tiny unless overridden, outputs under tmp_path,
+    hub offline."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     register_resolvers()
 
     def _compose(*overrides: str) -> DictConfig:
+        # the tiny random LlamaGen unless a test names a model (run.py's default is the trained demo model)
+        model = [] if any(override.startswith("model=") for override in overrides) else ["model=llamagen_tiny"]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return compose("config", overrides=[f"output_root={tmp_path / 'outputs'}", "device=cpu",
-                                                f"weights_dir={tmp_path / 'weights'}", *overrides])
+                                                f"weights_dir={tmp_path / 'weights'}", *model, *overrides])
 
     return _compose
 

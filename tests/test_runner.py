@@ -97,7 +97,8 @@ def cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
     return subprocess.run([sys.executable, str(ROOT / "run.py"), f"output_root={tmp_path}/outputs",
-                           f"weights_dir={tmp_path}/weights", *args], capture_output=True, text=True, env=env,
+                           f"weights_dir={tmp_path}/weights", *(() if any(a.startswith("model=") for a in args)
+                                                                else ("model=llamagen_tiny",)), *args], capture_output=True, text=True, env=env,
                           timeout=300)
 
 

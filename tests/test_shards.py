@@ -17,7 +17,7 @@ from lineareval import shards
 from lineareval.runner import RunConflictError, run
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ("weights=random", "num_samples=5", "batch_size=2", "model.image_size=128", "cache=linear", "keep=1/2")
+SMALL = ("model=llamagen_tiny", "weights=random", "num_samples=5", "batch_size=2", "model.image_size=128", "cache=linear", "keep=1/2")
 
 
 TIMED_GENERATION = runner.timed_generation
