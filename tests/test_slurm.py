@@ -188,9 +188,13 @@ class Sweep:
         folders = self.output_root.glob("multirun/*/.submitit/*")
         return {path.name for path in folders if path.is_dir() and path.name.isdigit()}
 
-    def job_states(self, job_id: str) -> dict[str, str]:
+    def job_states(self, job_id: str, tasks: int | None = None) -> dict[str, str]:
         """`job -> state` from Slurm's accounting, once all have finished: {"7_0": ..., "7_1": ...} for an
-        array (a sweep of several runs), {"7": ...} for a single job (submitit does not make an array of one)."""
+        array of `tasks` runs (a sweep), {"7": ...} for a single job (submitit does not make an array of one).
+
+        slurmdbd records jobs asynchronously: under load sacct can list the array's pending remainder
+        ("7") before the task that already ran ("7_0"), so wait until every expected job is listed."""
+        expected = {f"{job_id}_{task}" for task in range(tasks)} if tasks else {job_id}
         deadline = time.monotonic() + 60
         while True:
             result = subprocess.run(["sacct", "-X", "--noheader", "--parsable2", f"--jobs={job_id}",
@@ -198,8 +202,8 @@ class Sweep:
             rows = [line.split("|") for line in result.stdout.splitlines()]
             # "7_0|COMPLETED", or for a task cancelled while pending "7_[1%1]|CANCELLED by 0"
             states = {job.replace("[", "").split("%")[0].rstrip("]"): state.split()[0] for job, state in rows}
-            done = all(state in TERMINAL for state in states.values())
-            if (states and done) or time.monotonic() > deadline:
+            done = set(states) >= expected and all(state in TERMINAL for state in states.values())
+            if done or time.monotonic() > deadline:
                 return states
             time.sleep(0.5)
 
@@ -228,12 +232,12 @@ def resumed_sweep(slurm, tmp_path_factory):
         launcher.terminate()
         launcher.wait(timeout=60)
     first = {"bytes": sweep.record("1/2").read_bytes(), "mtime": sweep.record("1/2").stat().st_mtime_ns}
-    interrupted_states = sweep.job_states(interrupted)
+    interrupted_states = sweep.job_states(interrupted, tasks=2)
     unfinished_after_interrupt = not sweep.record("1/4").exists()
     sweep.run()
     (resumed,) = sweep.job_ids() - {interrupted}
     return {"sweep": sweep, "first": first, "interrupted_job": interrupted, "interrupted": interrupted_states,
-            "resumed": sweep.job_states(resumed), "unfinished_after_interrupt": unfinished_after_interrupt,
+            "resumed": sweep.job_states(resumed, tasks=2), "unfinished_after_interrupt": unfinished_after_interrupt,
             "seconds": time.perf_counter() - began}
 
 
@@ -259,7 +263,7 @@ def test_rerunning_a_finished_slurm_sweep_redoes_nothing(resumed_sweep):
     submitted = sweep.job_ids()
     sweep.run()
     (rerun,) = sweep.job_ids() - submitted
-    assert sweep.job_states(rerun) == {f"{rerun}_0": "COMPLETED", f"{rerun}_1": "COMPLETED"}
+    assert sweep.job_states(rerun, tasks=2) == {f"{rerun}_0": "COMPLETED", f"{rerun}_1": "COMPLETED"}
     after = {keep: (sweep.record(keep).read_bytes(), sweep.record(keep).stat().st_mtime_ns) for keep in ("1/2", "1/4")}
     assert after == before
     logs = sorted(sweep.output_root.glob(f"multirun/*/.submitit/{rerun}_*/*_log.out"))
