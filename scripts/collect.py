@@ -5,7 +5,8 @@
 Writes `efficiency.csv` (benchmark=efficiency rows plus the paper's efficiency table) and
 `quality.csv` (one row per metric of imagenet_fid / coco_fid / dpg runs plus the paper's reported
 numbers). Every row says where it came from: `source` is `ours` or `paper`, and ours carry the device,
-the weights (checkpoint or random) and the run folder.
+the weights (checkpoint or random) and the run folder. `step_latency.csv` gathers the per-step decode
+times of every efficiency run (model, cache, keep, batch_size, step, seconds, plus the same origin).
 """
 
 from __future__ import annotations
@@ -41,6 +42,24 @@ def collect(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     return efficiency_table, quality_table
 
 
+STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds", "source", "device_name", "weights",
+                "run_dir"]
+
+
+def collect_step_latency(roots: list[Path]) -> pd.DataFrame:
+    """The `step_latency.csv` of every finished efficiency run, with where each row came from."""
+    tables = []
+    for path in sorted(path for root in roots for path in root.rglob("metrics.json")):
+        steps = path.parent / "step_latency.csv"
+        if not steps.exists():
+            continue
+        record = load_record(path)
+        tables.append(pd.read_csv(steps, dtype={"keep": str}).assign(
+            source="ours", device_name=record.get("device_name"), weights=record.get("weights"),
+            run_dir=str(path.parent)))
+    return pd.concat(tables, ignore_index=True)[STEP_COLUMNS] if tables else pd.DataFrame(columns=STEP_COLUMNS)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("roots", nargs="*", type=Path, default=[Path("outputs")])
@@ -50,8 +69,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     efficiency.to_csv(args.out / "efficiency.csv", index=False)
     quality.to_csv(args.out / "quality.csv", index=False)
+    steps = collect_step_latency(args.roots)
+    steps.to_csv(args.out / "step_latency.csv", index=False)
     print(f"{(efficiency.source == 'ours').sum()} efficiency rows and {(quality.source == 'ours').sum()} quality "
-          f"rows of ours (plus the paper's) -> {args.out}")
+          f"rows of ours (plus the paper's), {len(steps)} step latencies -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -33,3 +33,9 @@ def test_collect_puts_our_rows_beside_the_papers(make_config, tmp_path, referenc
     fid = quality[(quality.source == "ours") & (quality.metric == "fid")]
     assert len(fid) == 1 and fid.value.iloc[0] > 0 and fid.benchmark.iloc[0] == "imagenet_fid"
     assert set(quality[quality.source == "paper"].value) == {2.77, 2.68, 23.85, 22.86}
+    steps = pd.read_csv(out / "step_latency.csv", dtype={"keep": str})
+    assert list(steps.columns) == ["model", "cache", "keep", "batch_size", "step", "seconds", "source", "device_name",
+                                   "weights", "run_dir"]
+    assert sorted(set(zip(steps.cache, steps.keep))) == [("full", "1"), ("linear", "1/4")]
+    assert len(steps) == 2 * 63 and steps.weights.eq("random").all() and steps.source.eq("ours").all()
+    assert set(steps.run_dir) == set(ours.run_dir) and set(steps.device_name) == set(ours.device_name)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from conftest import CACHE_CONFIGS
 from lineareval.runner import run
@@ -27,5 +28,56 @@ def test_efficiency_table_has_every_policy_and_ratios(make_config):
             assert row["visual_budget"] == {"1/4": 16, "1/2": 32}[keep]
     table = pd.read_csv(Path(cfg.run_dir) / "efficiency.csv")
     assert len(table) == len(expected) and set(table.device_name) == {record["device_name"]}
+    assert not table["compile"].any() and (table.warmup_s < 0.01).all()  # warmup=0: nothing ran untimed
+    for row in rows.values():  # CPU: the peak is the RSS increase, all of it per image; the process already holds
+        assert row["memory_per_image_bytes"] == max(row["peak_memory_bytes"], 1) / 2 and row["resident_bytes"] > 0
+        assert row["max_batch_at_limit"] == (16 * 2**30 - row["resident_bytes"]) // row["memory_per_image_bytes"]
     assert json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["rows"] == json.loads(json.dumps(record["rows"]))
     assert run(cfg) == json.loads(json.dumps(record))  # finished: skipped on rerun
+
+
+def test_step_latency_has_every_decode_step_of_every_timed_run(make_config):
+    cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=2", "model.image_size=128",
+                      "benchmark.keeps=[1/4]", "benchmark.warmup=0", "benchmark.policies=[full,linear]")
+    record = run(cfg)
+    steps = pd.read_csv(Path(cfg.run_dir) / "step_latency.csv", dtype={"keep": str})
+    assert list(steps.columns) == ["model", "cache", "keep", "batch_size", "step", "seconds"]
+    num_visual = 64  # 128 px: 8 x 8 tokens; steps 0..62 feed tokens 0..62 (the last token is only sampled)
+    for row in record["rows"]:
+        mine = steps[(steps.cache == row["cache"]) & (steps.keep == row["keep"])]
+        assert list(mine.step) == list(range(num_visual - 1)) and (mine.batch_size == 2).all()
+        assert (mine.seconds > 0).all() and set(mine.model) == {"llamagen_tiny"}
+        # the steps lie inside the timed generation, which adds only the cache allocation and the prefill
+        assert 0.5 * row["generation_s"] < mine.seconds.sum() < row["generation_s"]
+        assert row["step_s_line5"] == pytest.approx(mine.seconds.iloc[32:40].mean())
+        assert row["step_s_last_line"] == pytest.approx(mine.seconds.iloc[-7:].mean())
+
+
+def test_roofline_counts_the_model_and_the_engine_widths(policy_factory):
+    """Per-step work: the matmul FLOPs and weight bytes of the real module, the widths the engine attends."""
+    import sys
+
+    from conftest import tiny_llamagen
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from roofline import attended_widths, step_work
+
+    model = tiny_llamagen(grid=8)
+    config, layout = model.config, model.layout
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name
+                   and "cls_embedding" not in name)
+    norms = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 1)
+    work = step_work(config, sequences=4, element=4, width=0, masked=False, needs=policy_factory("full").needs_scores,
+                     line_end=False)
+    assert work.flops == 2 * 4 * matrices
+    logits = 2 * 4 * 4 * config.vocab_size
+    assert work.bytes == 4 * (matrices + norms + 4 * config.dim) + config.n_layer * 2 * 4 * 4 * 16 * 4 + logits
+    wider = step_work(config, 4, 4, 10, False, policy_factory("full").needs_scores, False)
+    assert wider.flops - work.flops == config.n_layer * 4 * 4 * config.n_head * 10 * config.head_dim
+    full = attended_widths(policy_factory("full"), layout, 64)
+    assert [width for width, _, _ in full] == [1 + index + 1 for index in range(63)]
+    window = attended_widths(policy_factory("window"), layout, 16)
+    assert [width for width, _, _ in window] == [1 + min(index + 1, 17) for index in range(63)]
+    assert not any(masked for _, masked, _ in full + window)
+    linear = attended_widths(policy_factory("linear"), layout, 16)  # capacity 1 + 16 + 8: grows within each line
+    assert max(width for width, _, _ in linear) == 25 and [width for width, _, _ in linear][24:32] == list(range(18, 26))

@@ -1,29 +1,44 @@
 """The paper's efficiency table: full and the chosen policies, one process, the same batch and inputs.
 
     python run.py benchmark=efficiency model=llamagen_xl weights=random batch_size=256
+    python run.py benchmark=efficiency model=llamagen_cpu weights=random batch_size=32 compile=true
 
-For each policy (and each keep, `full` at keep=1), one untimed warm-up generation, then one timed
-generation of the same batch: peak memory (CUDA allocator peak, or CPU RSS increase), KV-cache bytes,
-latency of the batch, throughput, and speedup / memory saving against `full`. Rows go to
-`efficiency.csv` and `metrics.json` in the run folder, and the table is printed in the paper's layout.
+For each policy (and each keep, `full` at keep=1), untimed warm-up generations (with `compile=true`
+they compile the decode step; their time is recorded as `warmup_s`), then one timed generation of
+the same batch: peak memory (CUDA allocator peak, or CPU RSS increase), KV-cache bytes, latency of
+the batch, throughput, speedup / memory saving against `full`, and the largest batch whose measured
+per-image memory fits `memory_limit_gib`, and `cores_busy` (process CPU seconds per wall second of the
+timed run: below the core count when another process took CPU time, i.e. the timing is unreliable).
+Rows go to `efficiency.csv` and `metrics.json` in the run folder, and the table is printed in the paper's layout. The wall time of every decode step of each
+timed generation goes to `step_latency.csv` in the run folder (model, cache, keep, batch_size, step,
+seconds; step i = sampling visual token i and feeding it through the model, evictions included).
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
+import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import torch
 from omegaconf import OmegaConf
 
 from lineareval.benchmarks.samples import Samples
+from lineareval.generators.base import StepTimer
 from lineareval.keep import check_budget, parse_keep
+from lineareval.memory import PeakMemory
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds"]
+STEP_FILE = "step_latency.csv"
 
 
 @dataclass
@@ -34,9 +49,10 @@ class Efficiency:
     keeps: list[str] = field(default_factory=lambda: ["1/4", "1/6"])
     warmup: int = 1
     prompt: str = DEFAULT_PROMPT
+    memory_limit_gib: float = 16.0  # for `max_batch_at_limit`
 
     def run_suite(self, cfg, generator, device) -> list[dict]:
-        from lineareval.runner import build_policy, timed_generation
+        from lineareval.runner import build_policy
 
         if generator.conditioning == "text" and not (cfg.prompt or cfg.prompts_file):
             cfg.prompt, cfg.images_per_prompt = self.prompt, cfg.batch_size  # one prompt, a batch of images
@@ -45,7 +61,7 @@ class Efficiency:
             raise ValueError(f"only {len(samples)} samples for batch_size={cfg.batch_size}: raise num_samples, "
                              "add prompts or images_per_prompt")
         ids, conditions = samples.batch(0, cfg.batch_size, device)
-        layout, rows = generator.layout, []
+        layout, rows, steps = generator.layout, [], []
         for name in self.policies:
             path = CONF_DIR / "cache" / f"{name}.yaml"
             if not path.exists():
@@ -56,16 +72,95 @@ class Efficiency:
                 budget = keep.budget(layout.num_visual)
                 check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
                              model=cfg.model.name)
-                for _ in range(self.warmup):
-                    timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
-                _, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
-                log.info("%s keep=%s: %.2f s, peak %.2f GB", name, keep.text, cost["generation_s"],
-                         cost["peak_memory_bytes"] / 1e9)
-                rows.append({"model": cfg.model.name, "cache": name, "keep": keep.text, "visual_budget": budget,
-                             "batch_size": cfg.batch_size, "sequences": generator.sequences(cfg.batch_size),
-                             **cost, "images_per_s": cfg.batch_size / cost["generation_s"],
-                             "tokens_per_s": cfg.batch_size * layout.num_visual / cost["generation_s"]})
+                row, seconds = self.measure(cfg, generator, policy, budget, conditions, ids, device)
+                log.info("%s keep=%s: %.2f s (warm-up %.1f s), peak %.2f GB", name, keep.text, row["generation_s"],
+                         row["warmup_s"], row["peak_memory_bytes"] / 1e9)
+                label = {"model": cfg.model.name, "cache": name, "keep": keep.text, "batch_size": cfg.batch_size}
+                rows.append({**label, "visual_budget": budget, "sequences": generator.sequences(cfg.batch_size), **row,
+                             **line_means(seconds, layout.line_len)})
+                steps += [{**label, "step": step, "seconds": value} for step, value in enumerate(seconds)]
+        write_csv_atomic(pd.DataFrame(steps, columns=STEP_COLUMNS), Path(cfg.run_dir) / STEP_FILE)
         return add_ratios(rows)
+
+    def measure(self, cfg, generator, policy, budget: int, conditions, ids: torch.Tensor,
+                device: torch.device) -> tuple[dict, list[float]]:
+        """Warm-up generations, then one timed generation with per-step times: (cost row, step seconds)."""
+        from lineareval.runner import timed_generation
+
+        if cfg.compile:
+            torch._dynamo.reset()  # each policy compiles afresh in its warm-up (and frees older CUDA graphs)
+        began = time.perf_counter()
+        for _ in range(self.warmup):
+            timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
+        warmup_s = time.perf_counter() - began
+        release_freed_memory()
+        resident = resident_bytes(device)
+        timer = StepTimer(generator.layout.num_visual - 1, device)
+        cpu_began = time.process_time()
+        _, cost = timed_generation(WithTimer(generator, timer), policy, budget, conditions, ids, cfg.seed, device)
+        cpu_seconds = time.process_time() - cpu_began  # all threads: ~ cores x wall time when none is shared
+        batch = cfg.batch_size
+        if device.type == "cuda":  # the peak is absolute there; with CUDA graphs the caches outlive the warm-up
+            retained = cost["kv_cache_capacity_bytes"] if cfg.compile and self.warmup else 0
+            resident -= retained
+            increase = cost["peak_memory_bytes"] - resident
+        else:
+            increase = cost["peak_memory_bytes"]  # already the increase over what the process held
+        per_image = max(increase, 1) / batch
+        row = {**cost, "compile": bool(cfg.compile), "warmup_s": warmup_s, "process_cpu_s": cpu_seconds,
+               "cores_busy": cpu_seconds / cost["generation_s"], "images_per_s": batch / cost["generation_s"],
+               "tokens_per_s": batch * generator.layout.num_visual / cost["generation_s"],
+               "memory_per_image_bytes": per_image, "resident_bytes": resident,
+               "max_batch_at_limit": max(0, math.floor((self.memory_limit_gib * 2**30 - resident) / per_image)),
+               "memory_limit_gib": self.memory_limit_gib}
+        return row, timer.seconds()
+
+
+class WithTimer:
+    """A generator whose `generate` (all that `timed_generation` calls) records each step's time."""
+
+    def __init__(self, generator, timer: StepTimer):
+        self.generator, self.timer = generator, timer
+
+    def generate(self, *args, **kwargs):
+        return self.generator.generate(*args, timer=self.timer, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.generator, name)
+
+
+def line_means(seconds: list[float], line_len: int) -> dict:
+    """Mean step time over the fifth line (tokens [4n, 5n)) and over the last line (its n - 1 decode steps)."""
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    return {"step_s_line5": mean(seconds[4 * line_len: 5 * line_len]), "step_s_last_line": mean(seconds[1 - line_len:])}
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`), where possible.
+
+    On CPU the peak is the RSS increase: pages that an earlier run freed but the allocator kept
+    resident would be reused silently, and the next run's allocations would not show.
+    """
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        log.debug("malloc_trim unavailable: CPU peak memory of later runs may read low")
+
+
+def resident_bytes(device: torch.device) -> int:
+    """What the process holds now: allocated CUDA memory, or the CPU resident set (as PeakMemory reads it)."""
+    with PeakMemory(device) as memory:
+        pass
+    return memory.baseline_bytes
+
+
+def write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    table.to_csv(temporary, index=False)
+    temporary.replace(path)
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:

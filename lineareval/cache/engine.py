@@ -3,16 +3,32 @@
 Each layer holds post-RoPE keys, values, each slot's original position and an occupancy mask, all of
 shape (S, H, C, ...) for S sequences (conditional and unconditional CFG rows are separate sequences),
 H heads and C slots. C is what the policy declares (full: prefix + N; compressing: prefix + B + slack),
-so memory follows the budget, not N.
+so memory follows the budget, not N. Softmax attention does not depend on slot order and positions
+are already rotated into the keys, so a token may sit in any slot: nothing is ever re-indexed.
 
-Eviction only clears slots; the next tokens are written into the lowest free slots. Softmax attention
-does not depend on slot order and positions are already rotated into the keys, so nothing is ever
-copied or re-indexed. With lowest-free-first allocation the occupied slots always lie in
-[0, high_water), and when no slot below high_water is free attention runs without a mask.
+Static shapes, so the decode step can be compiled: nothing is allocated or resized while decoding.
+Every step writes its token into one slot that the host knows, the same in every layer, sequence
+and head, and attention spans slots [0, width) without a mask as long as they are all occupied.
+What changes from step to step lives in small preallocated tensors (`StepInputs`: position, write
+slot, index within the line) or in host numbers that a compiled step reads (`CacheState.width`, a
+dynamic size; `CacheState.masked`, a boolean the compiler specialises on).
+
+Two kinds of eviction keep that true:
+
+- by position (`window`, `streamingllm`: `selects_by_position`): every layer, sequence and head
+  evicts the same slots, so the host scores its own copy of the slot layout (`SlotTable`), frees
+  the victims everywhere with one indexed write per layer and writes the next token into them: no
+  top-k on the device, no device-to-host synchronisation;
+- per head (H2O, LineAR): one top-k per layer at the scoring point picks each (sequence, head)'s
+  victims, then the tokens written since the previous eviction (never victims themselves: both
+  policies protect them) move into the victims' slots. The occupied slots stay [0, occupancy), so the
+  next tokens are appended after them and attention needs no mask; the move copies at most one
+  line's slots per layer and line (one slot per step for H2O).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from dataclasses import dataclass
@@ -34,8 +50,10 @@ class CacheState:
     high_water: int = 0  # occupied slots all lie in [0, high_water)
     visual_count: int = 0  # visual tokens in the cache
     visual_index: int = -1  # visual token being written in the current step
-    fill_holes: bool = False  # this step writes into a freed slot rather than at high_water
     padded: bool = False  # some prefix slots are padding (never attended, never reused)
+    width: int = 0  # this step attends over slots [0, width)
+    masked: bool = False  # ... and needs the occupancy mask (free or padding slots below width)
+    width_multiple: int = 1  # round width up to a multiple (CUDA graphs: few distinct shapes)
     peak_occupancy: int = 0
     evictions: int = 0
 
@@ -44,12 +62,66 @@ class CacheState:
         return self.occupancy < self.high_water
 
 
+class StepInputs:
+    """Per-step values as preallocated device tensors, refilled in place by `KVCache.begin_step`."""
+
+    def __init__(self, device: torch.device):
+        self.position = torch.zeros((), dtype=torch.long, device=device)  # layout position of the new token
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # its slot (the same everywhere)
+        self.line_slot = torch.zeros(1, dtype=torch.long, device=device)  # its index within its line
+        self.released = torch.zeros(1, dtype=torch.long, device=device)  # a slot freed by position
+
+
+class SlotTable:
+    """Host copy of the slot layout: which slots are free, and (for policies that select by position,
+    whose layout is the same everywhere) which position each slot holds.
+
+    `positions` and `valid` have shape (1, 1, C) so that such a policy scores this table exactly as
+    it would score a layer.
+    """
+
+    def __init__(self, state: CacheState):
+        self.state = state
+        self.positions = torch.full((1, 1, state.capacity), -1, dtype=torch.long)
+        self.valid = torch.zeros(1, 1, state.capacity, dtype=torch.bool)
+        self._free: list[int] = []
+
+    def reset(self, prefix_len: int) -> None:
+        self.positions.fill_(-1)
+        self.positions[0, 0, :prefix_len] = torch.arange(prefix_len)
+        self.valid.zero_()
+        self.valid[0, 0, :prefix_len] = True  # padding slots too: never reused
+        self._free = list(range(prefix_len, self.state.capacity))  # a heap (sorted = valid heap)
+
+    def take(self, position: int) -> int:
+        """The lowest free slot, now holding `position`."""
+        slot = heapq.heappop(self._free)
+        self.positions[0, 0, slot], self.valid[0, 0, slot] = position, True
+        return slot
+
+    def release(self, slots: list[int]) -> None:
+        for slot in slots:
+            self.positions[0, 0, slot], self.valid[0, 0, slot] = -1, False
+            heapq.heappush(self._free, slot)
+
+
+def lowest_scores(keep_scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, prefix_len: int,
+                  count: int, kept_from: int | None = None) -> torch.Tensor:
+    """Slots of the `count` lowest keep-scores per row, never a free or prefix slot, nor one at or above
+    `kept_from`. (..., W) -> (..., count)."""
+    protected = ~valid | (positions < prefix_len)
+    if kept_from is not None:
+        protected[..., kept_from:] = True
+    scores = keep_scores.float().masked_fill(protected, float("inf"))
+    return scores.topk(count, dim=-1, largest=False).indices
+
+
 class LayerKV:
     """One layer's store. Tensors: keys/values (S, H, C, D), positions/valid (S, H, C)."""
 
-    def __init__(self, state: CacheState, layout: TokenLayout, needs: ScoreNeed, *, sequences: int, heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device):
-        self.state, self.layout, self.needs = state, layout, needs
+    def __init__(self, state: CacheState, step: StepInputs, layout: TokenLayout, needs: ScoreNeed, *,
+                 sequences: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.state, self.step, self.layout, self.needs = state, step, layout, needs
         shape = (sequences, heads, state.capacity)
         self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
@@ -62,11 +134,10 @@ class LayerKV:
         self.line_queries = (torch.zeros(sequences, heads, layout.line_len, head_dim, dtype=dtype, device=device)
                              if needs is ScoreNeed.LINE_END else None)
         self._line_probs: torch.Tensor | None = None
-        self.blocked: torch.Tensor | None = None  # (S, 1, C) padding slots of shorter prompts
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.keys, self.values, self.positions, self.valid, self.received, self.line_queries,
-                            self.blocked) if t is not None]
+        return [t for t in (self.keys, self.values, self.positions, self.valid, self.received, self.line_queries)
+                if t is not None]
 
     def slot_bytes(self) -> int:
         """Bytes of one slot across sequences and heads (keys, values, position, mask)."""
@@ -89,40 +160,27 @@ class LayerKV:
         if present is not None and not bool(present.all()):
             self.valid[:, :, :length] = present[:, None, :].to(self.valid.device)
             self.positions[:, :, :length].masked_fill_(~self.valid[:, :, :length], -1)
-            self.blocked = torch.zeros_like(self.valid[:, :1])  # (S, 1, C)
-            self.blocked[:, :, :length] = ~present[:, None, :].to(self.valid.device)
-            self.state.padded = True
+            self.state.padded = True  # the host never hands out prefix slots, so padding stays unused
 
-    def append(self, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor) -> None:
-        """Write one token per (sequence, head). key/value: (S, H, 1, D); position: 0-d long tensor."""
-        if not self.state.fill_holes:
-            slot = self.state.high_water - 1  # the state already counts this token
-            self.keys[:, :, slot] = key[:, :, 0]
-            self.values[:, :, slot] = value[:, :, 0]
-            self.positions[:, :, slot] = position
-            self.valid[:, :, slot] = True
-            if self.received is not None:
-                self.received[:, :, slot] = 0
-            return
-        # lowest free slot per (sequence, head); the free sets differ after per-head eviction
-        taken = self.valid if self.blocked is None else self.valid | self.blocked
-        slot = (~taken).to(torch.uint8).argmax(dim=-1, keepdim=True)  # (S, H, 1)
-        self.keys.scatter_(2, slot.unsqueeze(-1).expand_as(key), key)
-        self.values.scatter_(2, slot.unsqueeze(-1).expand_as(value), value)
-        self.positions.scatter_(2, slot, position.expand_as(slot))
-        self.valid.scatter_(2, slot, True)
+    def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write this step's token into its slot in every sequence and head. key/value: (S, H, 1, D)."""
+        slot = self.step.slot
+        self.keys.index_copy_(2, slot, key)
+        self.values.index_copy_(2, slot, value)
+        self.positions.index_fill_(2, slot, self.step.position)
+        self.valid.index_fill_(2, slot, True)
         if self.received is not None:
-            self.received.scatter_(2, slot, 0.0)
+            self.received.index_fill_(2, slot, 0.0)
 
     # ---- attention -----------------------------------------------------------------------------
 
     def attend(self, query: torch.Tensor) -> torch.Tensor:
         """Attention of one new query per sequence over the occupied slots. (S, H, 1, D) -> (S, H, 1, D)."""
-        width = self.state.high_water
+        width = self.state.width
         keys, values = self.keys[:, :, :width], self.values[:, :, :width]
-        mask = self.valid[:, :, None, :width] if self.state.has_holes or self.state.padded else None
+        mask = self.valid[:, :, None, :width] if self.state.masked else None
         if self.line_queries is not None:
-            self.line_queries[:, :, self.state.visual_index % self.layout.line_len] = query[:, :, 0]
+            self.line_queries.index_copy_(2, self.step.line_slot, query)
         if self.needs is not ScoreNeed.EVERY_STEP:
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
         # explicit probabilities from the same pass that produces the output (H2O)
@@ -153,13 +211,25 @@ class LayerKV:
     # ---- eviction ------------------------------------------------------------------------------
 
     def evict(self, keep_scores: torch.Tensor, count: int) -> None:
-        """Free the `count` lowest-scoring occupied visual slots per (sequence, head). keep_scores: (S, H, W)."""
-        width = self.state.high_water
-        protected = ~self.valid[:, :, :width] | (self.positions[:, :, :width] < self.layout.prefix_len)
-        scores = keep_scores.float().masked_fill(protected, float("inf"))
-        victims = scores.topk(count, dim=-1, largest=False).indices  # (S, H, count)
-        self.valid.scatter_(2, victims, False)
-        self.positions.scatter_(2, victims, -1)
+        """Evict the `count` lowest-scoring visual slots per (sequence, head) and move the tokens written
+        since the previous eviction, slots [occupancy - count, occupancy), into them. keep_scores: (S, H, W)."""
+        width, top = keep_scores.shape[-1], self.state.occupancy - count
+        victims = lowest_scores(keep_scores, self.positions[:, :, :width], self.valid[:, :, :width],
+                                self.layout.prefix_len, count, kept_from=top)  # (S, H, count), all below top
+        moved = slice(top, top + count)
+        index = victims.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1])
+        self.keys.scatter_(2, index, self.keys[:, :, moved].clone())
+        self.values.scatter_(2, index, self.values[:, :, moved].clone())
+        self.positions.scatter_(2, victims, self.positions[:, :, moved].clone())
+        if self.received is not None:
+            self.received.scatter_(2, victims, self.received[:, :, moved].clone())
+        self.valid[:, :, moved] = False
+        self.positions[:, :, moved] = -1
+
+    def release(self, slots: torch.Tensor) -> None:
+        """Free the same slots (k,) in every sequence and head (eviction by position)."""
+        self.valid.index_fill_(2, slots, False)
+        self.positions.index_fill_(2, slots, -1)
 
     def end_step(self) -> None:
         """Release the step's cached line probabilities ((S, H, n, W) fp32: large at big batches)."""
@@ -174,52 +244,100 @@ class KVCache:
         self.policy, self.layout, self.budget = policy, layout, budget
         self.device = torch.device(device)
         self.state = CacheState(capacity=policy.capacity(layout, budget))
-        self.layers = [LayerKV(self.state, layout, policy.needs_scores, sequences=sequences, heads=heads,
+        self.step = StepInputs(self.device)
+        self.layers = [LayerKV(self.state, self.step, layout, policy.needs_scores, sequences=sequences, heads=heads,
                                head_dim=head_dim, dtype=dtype, device=self.device) for _ in range(num_layers)]
-        self._position = torch.zeros((), dtype=torch.long, device=self.device)
+        self.table = SlotTable(self.state)
 
     # ---- schedule ------------------------------------------------------------------------------
 
     def begin_prefix(self) -> None:
         prefix = self.layout.prefix_len
         self.state.occupancy = self.state.high_water = self.state.peak_occupancy = prefix
+        self.table.reset(prefix)
 
     def begin_step(self, visual_index: int) -> torch.Tensor:
-        """Reserve one slot per (sequence, head) for visual token `visual_index`; returns its position."""
+        """Reserve one slot per (sequence, head) for visual token `visual_index`; returns its position (0-d)."""
         state = self.state
         if state.occupancy >= state.capacity:
             raise RuntimeError(f"cache overflow: {state.occupancy} slots in use of {state.capacity} "
                                f"(policy {self.policy.name} under-declared its slack)")
+        position = self.layout.prefix_len + visual_index
         state.visual_index = visual_index
-        state.fill_holes = state.has_holes
         state.occupancy += 1
         state.visual_count += 1
-        state.high_water = max(state.high_water, state.occupancy)
+        slot = self.table.take(position)
+        state.high_water = max(state.high_water, slot + 1)
+        self.step.slot.fill_(slot)
         state.peak_occupancy = max(state.peak_occupancy, state.occupancy)
-        self._position.fill_(self.layout.prefix_len + visual_index)
-        return self._position
+        multiple = state.width_multiple
+        state.width = min(state.capacity, -(-state.high_water // multiple) * multiple)
+        state.masked = state.padded or state.has_holes or state.width > state.high_water
+        self.step.position.fill_(position)
+        if self.policy.needs_scores is ScoreNeed.LINE_END:
+            self.step.line_slot.fill_(visual_index % self.layout.line_len)
+        return self.step.position
 
     def end_step(self) -> None:
         """Evict down to the budget if the policy's schedule says so; called once all layers ran."""
         state, policy = self.state, self.policy
-        scoring_point = self.layout.is_line_end(state.visual_index)
-        if policy.evicts_at is EvictAt.STEP:
-            scoring_point = True
-        elif policy.evicts_at is EvictAt.NEVER:
-            scoring_point = False
-        excess = state.visual_count - self.budget
+        scoring_point = {EvictAt.STEP: True, EvictAt.NEVER: False,
+                         EvictAt.LINE_END: self.layout.is_line_end(state.visual_index)}[policy.evicts_at]
         if not scoring_point:
             return
+        excess = state.visual_count - self.budget
         context = EvictionContext(self.layout, self.budget, state.visual_index)
-        for layer in self.layers:
-            policy.observe(layer, context)
+        if policy.selects_by_position:
             if excess > 0:
-                layer.evict(policy.score(layer, context), excess)
-            layer.end_step()  # drop this layer's line probabilities before the next layer computes its own
+                self._evict_by_position(context, excess)
+        else:
+            for layer in self.layers:
+                policy.observe(layer, context)
+                if excess > 0:
+                    layer.evict(policy.score(layer, context), excess)
+                layer.end_step()  # drop this layer's line probabilities before the next layer computes its own
+            if excess > 0:  # the moved tokens' old slots are free: occupied slots are [0, occupancy) again
+                top = state.occupancy - excess
+                self.table.release(list(range(top, state.occupancy)))
+                state.high_water = top
         if excess > 0:
             state.visual_count -= excess
             state.occupancy -= excess
             state.evictions += 1
+
+    def _evict_by_position(self, context: EvictionContext, count: int) -> None:
+        """Score once on the host table and free the same slots in every layer, sequence and head."""
+        table, width = self.table, self.state.high_water
+        scores = self.policy.score(table, context)
+        victims = lowest_scores(scores, table.positions[:, :, :width], table.valid[:, :, :width],
+                                self.layout.prefix_len, count)[0, 0].tolist()
+        table.release(victims)
+        if count == 1:  # the per-step case: refill a preallocated index, no host-to-device copy
+            slots = self.step.released.fill_(victims[0])
+        else:
+            slots = torch.tensor(victims, dtype=torch.long, device=self.device)
+        for layer in self.layers:
+            layer.release(slots)
+
+    # ---- compilation ---------------------------------------------------------------------------
+
+    def reset(self, policy: CachePolicy) -> None:
+        """Empty the cache for a new generation under an equal `policy`, keeping every store in place."""
+        self.policy = policy
+        vars(self.state).update(vars(CacheState(self.state.capacity, width_multiple=self.state.width_multiple)))
+        for layer in self.layers:
+            layer.valid.zero_()
+            layer.positions.fill_(-1)
+            if layer.received is not None:
+                layer.received.zero_()
+            layer._line_probs = None
+
+    def prepare_for_cuda_graphs(self, width_multiple: int = 64) -> None:
+        """Mark the stores static (CUDA graphs keep their addresses) and bucket the attention width."""
+        self.state.width_multiple = width_multiple
+        for tensor in [self.step.position, self.step.slot, self.step.line_slot, self.step.released,
+                       *(t for layer in self.layers for t in layer.tensors())]:
+            torch._dynamo.mark_static_address(tensor, guard=False)
 
     # ---- accounting ----------------------------------------------------------------------------
 

@@ -69,6 +69,10 @@ class CachePolicy:
     name: ClassVar[str] = "base"
     needs_scores: ClassVar[ScoreNeed] = ScoreNeed.NEVER
     evicts_at: ClassVar[EvictAt] = EvictAt.STEP
+    # True when scores depend only on slot positions (not on keys, values or attention): every layer,
+    # head and sequence then evicts the same slots, so the engine scores once, on its host copy of the
+    # slot layout (`SlotTable`, shaped like a layer with S = H = 1), and `observe` is not called.
+    selects_by_position: ClassVar[bool] = False
 
     def minimum_budget(self, layout: TokenLayout) -> int:
         """Smallest visual budget for which the policy can keep what it protects."""

@@ -19,6 +19,7 @@ class StreamingLLM(CachePolicy):
     """Prefix + the first `sinks` visual tokens + the most recent `B - sinks`."""
 
     name = "streamingllm"
+    selects_by_position = True
     sinks: int = 4
 
     def minimum_budget(self, layout: TokenLayout) -> int:

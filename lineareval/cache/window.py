@@ -14,6 +14,7 @@ class Window(CachePolicy):
     """Evicts the oldest visual token every step once over budget (the no-scoring reference cost)."""
 
     name = "window"
+    selects_by_position = True
 
     def score(self, layer, context: EvictionContext) -> torch.Tensor:
         return layer.positions[:, :, : layer.state.high_water].float()  # newer keeps

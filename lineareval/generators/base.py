@@ -1,9 +1,11 @@
-"""What every model adapter returns, and the observer hook the tests use."""
+"""What every model adapter returns, the observer hook the tests use and the per-step timer."""
 
 from __future__ import annotations
 
 import logging
+import time
 import zlib
+from itertools import pairwise
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lineareval.cache import KVCache
+from lineareval.sampling import SamplingConfig, sample_tokens
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,57 @@ class Generation:
 
     def high_water_bytes(self) -> int:
         return sum(cache.high_water_bytes() for cache in self.caches)
+
+
+class Sampler:
+    """`sample_tokens` under the run's sampling config, compiled with the decode step when asked.
+
+    Compiling matters on a CPU: the counter-hash Gumbel noise is about twenty elementwise integer
+    operations over (B, V), which inductor fuses into one loop; the draws are identical.
+    """
+
+    def __init__(self, config: SamplingConfig, compile: bool = False):
+        self.config = config
+        self.function = torch.compile(sample_tokens) if compile else sample_tokens
+
+    def __call__(self, logits: torch.Tensor, seed: int, sample_ids: torch.Tensor, token_index: int) -> torch.Tensor:
+        """logits (B, V) -> tokens (B,)."""
+        return self.function(logits, self.config, seed, sample_ids, token_index)
+
+
+class StepTimer:
+    """Wall time of every decode step, without slowing the loop down.
+
+    The adapter calls `begin()` once the prefix is in the cache and `step()` after each decode step;
+    step i is then the time to sample visual token i and feed it through the model (and evict).
+    On CPU each call stores one `perf_counter` in a preallocated list; on GPU it records one
+    preallocated CUDA event, and `seconds()` synchronises once, after the generation.
+    """
+
+    def __init__(self, steps: int, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list = ([torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if self.cuda
+                            else [0.0] * (steps + 1))
+        self.count = 0
+
+    def begin(self) -> None:
+        self.count = 0
+        self.step()
+
+    def step(self) -> None:
+        if self.cuda:
+            self.marks[self.count].record()
+        else:
+            self.marks[self.count] = time.perf_counter()
+        self.count += 1
+
+    def seconds(self) -> list[float]:
+        """Seconds of each step recorded so far (one fewer than the marks)."""
+        marks = self.marks[: self.count]
+        if self.cuda:
+            marks[-1].synchronize()
+            return [start.elapsed_time(end) / 1e3 for start, end in pairwise(marks)]
+        return [end - start for start, end in pairwise(marks)]
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lineareval.cache import CachePolicy, TokenLayout
-from lineareval.generators.base import Generation, StepObserver, left_pad, load_tokenizer
+from lineareval.generators.base import Generation, Sampler, StepObserver, StepTimer, left_pad, load_tokenizer
 from lineareval.models.janus import JanusGenerator
-from lineareval.sampling import SamplingConfig, sample_tokens
+from lineareval.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,12 @@ class JanusAdapter:
     prompt_template: str = "<|User|>: {prompt}\n\n<|Assistant|>:"
     image_start: str = "<begin_of_image>"
     weight_files: list[str] = field(default_factory=list)
+    compiled: bool = False  # the decode step and the sampler run through torch.compile
+    sample: Sampler = field(init=False, repr=False)
     conditioning = "text"
+
+    def __post_init__(self) -> None:
+        self.sample = Sampler(self.sampling, compile=self.compiled)
 
     @property
     def layout(self) -> TokenLayout:
@@ -68,7 +73,7 @@ class JanusAdapter:
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
-                 observer: StepObserver | None = None) -> Generation:
+                 observer: StepObserver | None = None, timer: StepTimer | None = None) -> Generation:
         """Sample the 576 image tokens of each prompt's image. -> tokens (B, N)."""
         ids, present = self.prefix_batch(prompts)
         layout = TokenLayout(ids.shape[1], self.layout.rows, self.layout.line_len)
@@ -79,8 +84,10 @@ class JanusAdapter:
         hidden = model.prefill(self.network.embed_text(ids), positions, present, cache)
         logits = self.network.image_logits(hidden)
         tokens = torch.empty(len(prompts), layout.num_visual, dtype=torch.long, device=ids.device)
+        if timer is not None:
+            timer.begin()
         for index in range(layout.num_visual):
-            token = sample_tokens(self._guide(logits), self.sampling, seed, sample_ids, index)
+            token = self.sample(self._guide(logits), seed, sample_ids, index)
             tokens[:, index] = token
             if index == layout.num_visual - 1:
                 break
@@ -89,6 +96,8 @@ class JanusAdapter:
             logits = self.network.image_logits(hidden)
             if observer is not None:
                 observer(index, cache)
+            if timer is not None:
+                timer.step()
         return Generation(tokens, [cache])
 
     def _guide(self, logits: torch.Tensor) -> torch.Tensor:
@@ -130,5 +139,7 @@ def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampli
     tokenizer = load_tokenizer(folder, path, weights_dir, text["vocab_size"])
     network.to(device)
     vqmodel.to(device)
+    if compile:
+        network.language_model.compile_decode()
     return JanusAdapter(name, network, vqmodel, tokenizer, SamplingConfig(**sampling), weights, prompt_template,
-                        image_start, files)
+                        image_start, files, compiled=compile)

@@ -13,13 +13,13 @@ from pathlib import Path
 import torch
 
 from lineareval.cache import CachePolicy, KVCache, TokenLayout
-from lineareval.generators.base import Generation, StepObserver
+from lineareval.generators.base import Generation, Sampler, StepObserver, StepTimer
 from lineareval.models.init import initialise_random
 from lineareval.models.checkpoint import extract_model_state, load_into, load_state_dict_file
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
 from lineareval.models.vq import VQConfig, VQModel, to_uint8
 from lineareval.models.weights import WeightFile, resolve_weight_files
-from lineareval.sampling import SamplingConfig, sample_tokens
+from lineareval.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,12 @@ class LlamaGenGenerator:
     sampling: SamplingConfig
     weights: str
     weight_files: list[str] = field(default_factory=list)
+    compiled: bool = False  # the GPT's decode step and the sampler run through torch.compile
+    sample: Sampler = field(init=False, repr=False)
     conditioning = "class"
+
+    def __post_init__(self) -> None:
+        self.sample = Sampler(self.sampling, compile=self.compiled)
 
     @property
     def layout(self) -> TokenLayout:
@@ -56,24 +61,29 @@ class LlamaGenGenerator:
 
     @torch.inference_mode()
     def generate(self, labels: torch.Tensor, sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
-                 observer: StepObserver | None = None) -> Generation:
+                 observer: StepObserver | None = None, timer: StepTimer | None = None) -> Generation:
         """Sample the N visual tokens of each image. labels, sample_ids: (B,) -> tokens (B, N) int64.
 
-        `observer(visual_index, cache)` runs after each decode step (tests record cache contents).
+        `observer(visual_index, cache)` runs after each decode step (tests record cache contents);
+        `timer` records the wall time of each step.
         """
         cache = self.new_cache(policy, budget, len(labels))
         guided, num_visual = self.sampling.guided, self.layout.num_visual
         conditions = torch.cat([labels, torch.full_like(labels, self.gpt.null_class)]) if guided else labels
         logits = self.gpt.prefill(conditions, cache)
         tokens = torch.empty(len(labels), num_visual, dtype=torch.long, device=labels.device)
+        if timer is not None:
+            timer.begin()
         for index in range(num_visual):
-            token = sample_tokens(self._guide(logits, index), self.sampling, seed, sample_ids, index)
+            token = self.sample(self._guide(logits, index), seed, sample_ids, index)
             tokens[:, index] = token
             if index == num_visual - 1:
                 break
             logits = self.gpt.decode(torch.cat([token, token]) if guided else token, index, cache)
             if observer is not None:
                 observer(index, cache)
+            if timer is not None:
+                timer.step()
         return Generation(tokens, [cache])
 
     def _guide(self, logits: torch.Tensor, index: int) -> torch.Tensor:
@@ -110,7 +120,11 @@ def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq
                     weights_dir: str | Path, device: str | torch.device, dtype: torch.dtype,
                     download: bool = True, seed: int = 0, compile: bool = False,
                     **gpt_fields) -> LlamaGenGenerator:
-    """Build from a `conf/model/llamagen*.yaml` block; load official files unless `weights=random`."""
+    """Build from a `conf/model/llamagen*.yaml` block; load official files unless `weights=random`.
+
+    `compile` wraps the decode step and the sampler in torch.compile (CUDA graphs on GPU); the first
+    generation compiles (minutes on a CPU), so time a second one.
+    """
     config = LlamaGenConfig(**gpt_fields)
     if weights not in ("checkpoint", "random"):
         raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
@@ -133,4 +147,7 @@ def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq
         load_into(module, extract_model_state(load_state_dict_file(path), path), source=str(path))
     gpt.to(device=device, dtype=dtype).eval()
     tokenizer.to(device=device).eval()  # the tokenizer decodes in fp32, as the official sampler
-    return LlamaGenGenerator(name, gpt, tokenizer, SamplingConfig(**sampling), weights, [str(p) for p in paths])
+    if compile:
+        gpt.compile_decode()
+    return LlamaGenGenerator(name, gpt, tokenizer, SamplingConfig(**sampling), weights, [str(p) for p in paths],
+                             compiled=compile)

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from lineareval.cache import CachePolicy, TokenLayout
-from lineareval.generators.base import Generation, StepObserver, left_pad, load_tokenizer
+from lineareval.generators.base import Generation, Sampler, StepObserver, StepTimer, left_pad, load_tokenizer
 from lineareval.models.chameleon import ChameleonLM
-from lineareval.sampling import SamplingConfig, sample_tokens
+from lineareval.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,12 @@ class LuminaAdapter:
     vocabulary: object | None = None
     prompt_template: str = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
     weight_files: list[str] = field(default_factory=list)
+    compiled: bool = False  # the decode step and the sampler run through torch.compile
+    sample: Sampler = field(init=False, repr=False)
     conditioning = "text"
+
+    def __post_init__(self) -> None:
+        self.sample = Sampler(self.sampling, compile=self.compiled)
 
     @property
     def side(self) -> int:
@@ -95,7 +100,7 @@ class LuminaAdapter:
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
-                 observer: StepObserver | None = None) -> Generation:
+                 observer: StepObserver | None = None, timer: StepTimer | None = None) -> Generation:
         """Rows of image tokens with their new-line tokens: (B, rows * (side + 1))."""
         ids, present = self.prefix_batch(prompts)
         batch, visual = len(prompts), self.layout
@@ -112,13 +117,15 @@ class LuminaAdapter:
             header_positions = torch.arange(header.shape[1], device=ids.device).expand(batch, -1)
             uncond_logits = net.prefill(header, header_positions, None, uncond)
         tokens = torch.empty(batch, visual.num_visual, dtype=torch.long, device=ids.device)
+        if timer is not None:
+            timer.begin()
         for index in range(visual.num_visual):
             if visual.is_line_end(index):
                 token = torch.full((batch,), self.tokens.new_line, dtype=torch.long, device=ids.device)
             else:
                 guided = logits if not self.sampling.guided else (
                     uncond_logits + self.sampling.cfg_scale * (logits - uncond_logits))
-                token = sample_tokens(self._constrain(guided), self.sampling, seed, sample_ids, index)
+                token = self.sample(self._constrain(guided), seed, sample_ids, index)
             tokens[:, index] = token
             if index == visual.num_visual - 1:
                 break
@@ -127,6 +134,8 @@ class LuminaAdapter:
                 uncond_logits = net.decode(token, header.shape[1] + index + torch.zeros_like(token), index, uncond)
             if observer is not None:
                 observer(index, cond)
+            if timer is not None:
+                timer.step()
         return Generation(tokens, caches)
 
     @torch.inference_mode()
@@ -198,5 +207,7 @@ def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: d
         vqgan = load_chameleon_vqgan(chameleon / "vqgan.yaml", chameleon / "vqgan.ckpt").to(device)
         vocabulary = ImageVocabulary.from_json(chameleon / "text_tokenizer.json")
     tokenizer = load_tokenizer(folder, path, weights_dir, lm["vocab_size"])
+    if compile:
+        network.compile_decode()
     return LuminaAdapter(name, network.eval(), tokenizer, SamplingConfig(**sampling), weights, resolution,
-                         LuminaTokens(**(tokens or {})), vqgan, vocabulary, prompt_template, files)
+                         LuminaTokens(**(tokens or {})), vqgan, vocabulary, prompt_template, files, compiled=compile)

@@ -29,7 +29,7 @@ import torch.nn as nn
 from lineareval.cache import KVCache, TokenLayout
 from lineareval.models.hub import checkpoint_files
 from lineareval.models.checkpoint import load_into, load_state_dict_file
-from lineareval.models.layers import DecoderLayer, RMSNorm, inverse_frequencies, rotary
+from lineareval.models.layers import DecodeStep, DecoderLayer, RMSNorm, inverse_frequencies, rotary
 from lineareval.models.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ class ChameleonLM(nn.Module):
         self.model = ChameleonDecoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", config.inverse_frequencies(), persistent=False)
+        self.decoding = DecodeStep(self._decode_step)
 
     def reset_rope(self) -> None:
         """Recompute the RoPE frequencies in fp32 on their current device (never stored in a checkpoint)."""
@@ -132,9 +133,11 @@ class ChameleonLM(nn.Module):
 
     def new_cache(self, policy, budget: int, sequences: int, layout: TokenLayout) -> KVCache:
         weight = self.lm_head.weight
-        return KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers, sequences=sequences,
-                       heads=self.config.num_attention_heads, head_dim=self.config.head_dim, dtype=weight.dtype,
-                       device=weight.device)
+        return self.decoding.new_cache(
+            lambda: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers, sequences=sequences,
+                            heads=self.config.num_attention_heads, head_dim=self.config.head_dim, dtype=weight.dtype,
+                            device=weight.device),
+            policy, (repr(policy), budget, sequences, layout))
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h)).float()
@@ -185,13 +188,22 @@ class ChameleonLM(nn.Module):
         The cache is addressed by layout index (prefix_len + visual_index), RoPE by each sequence's own
         position, so left-padded prompts of different lengths share one layout. Evicts per the policy.
         """
-        position = cache.begin_step(visual_index)
+        cache.begin_step(visual_index)
+        logits = self.decoding(tokens, position_ids, cache)
+        cache.end_step()
+        return logits
+
+    def _decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embedding, every layer's cache write and attention, logits (static shapes). (S,), (S,) -> (S, V)."""
         h = self.model.embed_tokens(tokens)[:, None]  # (S, 1, dim)
         cos, sin = rotary(position_ids[:, None], self.inv_freq, h.dtype)
         for layer, layer_cache in zip(self.model.layers, cache.layers):
-            h = layer.step(h, cos, sin, layer_cache, position)
-        cache.end_step()
+            h = layer.step(h, cos, sin, layer_cache)
         return self._logits(h[:, 0])
+
+    def compile_decode(self) -> None:
+        """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
+        self.decoding.compile(self.lm_head.weight.device)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

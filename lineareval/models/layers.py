@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lineareval.cache import LayerKV
+from lineareval.cache import KVCache, LayerKV
 
 QK_NORM_EPS = 1e-5  # fixed in Chameleon's q/k LayerNorm, independent of rms_norm_eps
 
@@ -113,11 +113,10 @@ class Attention(nn.Module):
             cache.write_prefix(k, v, present)
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None))
 
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV,
-             position: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence against the cache. x: (S, 1, dim)."""
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV) -> torch.Tensor:
+        """One new token per sequence against the cache (its slot and position are the cache's). x: (S, 1, dim)."""
         q, k, v = self.project(x, cos, sin)
-        cache.append(k, v, position)
+        cache.append(k, v)
         return self.merge(cache.attend(q))
 
 
@@ -144,6 +143,58 @@ class DecoderLayer(nn.Module):
                 cache: LayerKV | None = None, present: torch.Tensor | None = None) -> torch.Tensor:
         return self._residuals(x, lambda h: self.self_attn(h, cos, sin, mask, cache, present))
 
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV,
-             position: torch.Tensor) -> torch.Tensor:
-        return self._residuals(x, lambda h: self.self_attn.step(h, cos, sin, cache, position))
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV) -> torch.Tensor:
+        return self._residuals(x, lambda h: self.self_attn.step(h, cos, sin, cache))
+
+
+class DecodeStep:
+    """A model's decode step, eager or compiled: `torch.compile` (inductor) on CPU, CUDA graphs on GPU.
+
+    The step (embedding, every layer's cache write and attention, logits) has static shapes: the
+    cache is preallocated and what changes per step is either a preallocated tensor or a host number
+    the compiler specialises on (a few booleans) or treats as a dynamic size (the attention width).
+    On GPU the attention width is bucketed to multiples of 64 slots, so CUDA graphs are recorded for
+    a handful of widths, and the stores are marked static so that graphs never copy them.
+    Compilation happens on the first steps of the first generation (a warm-up, excluded from timing).
+    """
+
+    RECOMPILE_LIMIT = 64  # per policy: a few boolean variants x static/dynamic width; several policies a process
+
+    def __init__(self, step):
+        self.step = step
+        self.compiled = False
+        self.cuda_graphs = False
+        self._caches: dict[tuple, KVCache] = {}  # CUDA graphs: caches kept for the next generation
+
+    def compile(self, device: torch.device | str) -> None:
+        self.cuda_graphs = torch.device(device).type == "cuda"
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = max(limit, self.RECOMPILE_LIMIT)
+        self.step = torch.compile(self.step, mode="reduce-overhead" if self.cuda_graphs else None, fullgraph=True,
+                                  dynamic=True)  # sizes symbolic from the start: one compile per variant
+        self.compiled = True
+
+    def new_cache(self, build, policy, key: tuple) -> KVCache:
+        """`build()`; with CUDA graphs, a kept cache, emptied, when `key` (what shapes it) matches.
+
+        CUDA graphs bake in the stores' addresses: reusing the stores lets the next generation replay
+        the recorded graphs instead of re-recording them. `key[:2]` is (policy, budget); caches of
+        another policy or budget are released first, and at most two are kept (Lumina-mGPT runs the
+        conditional and the unconditional sequences in two caches), so memory follows the run.
+        """
+        if not self.cuda_graphs:
+            return build()
+        if key in self._caches:
+            cache = self._caches[key]
+            cache.reset(policy)
+            return cache
+        for held in [held for held in self._caches if held[:2] != key[:2]] + list(self._caches)[:-1]:
+            self._caches.pop(held, None)  # release before allocating
+        cache = self._caches[key] = build()
+        cache.prepare_for_cuda_graphs()
+        return cache
+
+    def __call__(self, *args):
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been consumed
+        return self.step(*args)

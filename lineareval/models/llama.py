@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from lineareval.cache import KVCache
-from lineareval.models.layers import DecoderLayer, RMSNorm, inverse_frequencies, rotary
+from lineareval.models.layers import DecodeStep, DecoderLayer, RMSNorm, inverse_frequencies, rotary
 
 
 @dataclass
@@ -81,6 +81,7 @@ class LlamaDecoder(nn.Module):
                          config.rms_norm_eps) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
+        self.decoding = DecodeStep(self._decode_step)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
                 masks: list[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
@@ -102,15 +103,26 @@ class LlamaDecoder(nn.Module):
     def decode(self, embeds: torch.Tensor, positions: torch.Tensor, visual_index: int,
                cache: KVCache) -> torch.Tensor:
         """One token per sequence. embeds (S, hidden), positions (S,) RoPE positions -> hidden (S, hidden)."""
-        slot_position = cache.begin_step(visual_index)
+        cache.begin_step(visual_index)
+        hidden = self.decoding(embeds, positions, cache)
+        cache.end_step()
+        return hidden
+
+    def _decode_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Every layer's cache write and attention for one token per sequence (static shapes)."""
         (cos, sin), h = self.rotary(positions[:, None], embeds.dtype), embeds[:, None]
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer.step(h, cos, sin, layer_cache, slot_position)
-        cache.end_step()
+            h = layer.step(h, cos, sin, layer_cache)
         return self.norm(h[:, 0])
+
+    def compile_decode(self) -> None:
+        """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
+        self.decoding.compile(self.embed_tokens.weight.device)
 
     def new_cache(self, policy, budget: int, sequences: int, layout) -> KVCache:
         weight = self.embed_tokens.weight
-        return KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers, sequences=sequences,
-                       heads=self.config.num_attention_heads, head_dim=self.config.head_dim, dtype=weight.dtype,
-                       device=weight.device)
+        return self.decoding.new_cache(
+            lambda: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers, sequences=sequences,
+                            heads=self.config.num_attention_heads, head_dim=self.config.head_dim, dtype=weight.dtype,
+                            device=weight.device),
+            policy, (repr(policy), budget, sequences, layout))

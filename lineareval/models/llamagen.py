@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lineareval.cache import KVCache, LayerKV, TokenLayout
-from lineareval.models.layers import RMSNorm
+from lineareval.models.layers import DecodeStep, RMSNorm
 
 SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536), "3B": (24, 32, 3200)}
 
@@ -122,10 +122,10 @@ class Attention(nn.Module):
             cache.write_prefix(k, v)
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None))
 
-    def step(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerKV, position: torch.Tensor) -> torch.Tensor:
-        """One new token per sequence against the cache. x: (S, 1, dim)."""
+    def step(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerKV) -> torch.Tensor:
+        """One new token per sequence against the cache (its slot and position are the cache's). x: (S, 1, dim)."""
         q, k, v = self.project(x, rope)
-        cache.append(k, v, position)
+        cache.append(k, v)
         return self.merge(cache.attend(q))
 
 
@@ -142,8 +142,8 @@ class Block(nn.Module):
         h = x + self.attention(self.attention_norm(x), rope, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def step(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerKV, position: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention.step(self.attention_norm(x), rope, cache, position)
+    def step(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerKV) -> torch.Tensor:
+        h = x + self.attention.step(self.attention_norm(x), rope, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -168,6 +168,7 @@ class LlamaGen(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("rope", self._rope_table(), persistent=False)
+        self.decoding = DecodeStep(self._decode_step)
 
     def _rope_table(self, device: torch.device | None = None) -> torch.Tensor:
         config = self.config
@@ -189,8 +190,14 @@ class LlamaGen(nn.Module):
 
     def new_cache(self, policy, budget: int, sequences: int) -> KVCache:
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
-        return KVCache(policy, self.layout, budget, num_layers=self.config.n_layer, sequences=sequences,
-                       heads=self.config.n_head, head_dim=self.config.head_dim, dtype=dtype, device=device)
+        return self.decoding.new_cache(
+            lambda: KVCache(policy, self.layout, budget, num_layers=self.config.n_layer, sequences=sequences,
+                            heads=self.config.n_head, head_dim=self.config.head_dim, dtype=dtype, device=device),
+            policy, (repr(policy), budget, sequences))
+
+    def compile_decode(self) -> None:
+        """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
+        self.decoding.compile(self.output.weight.device)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h)).float()
@@ -218,12 +225,17 @@ class LlamaGen(nn.Module):
 
     def decode(self, tokens: torch.Tensor, visual_index: int, cache: KVCache) -> torch.Tensor:
         """Feed visual token `visual_index` (S,); logits for the next one (S, V). Evicts per the policy."""
-        position = cache.begin_step(visual_index)
-        rope = self.rope[position][None]  # (1, D/2, 2)
+        cache.begin_step(visual_index)  # host bookkeeping: slot, width, mask; refills the step tensors
+        logits = self.decoding(tokens, cache)
+        cache.end_step()  # eviction, outside the compiled step: it runs at scoring points only
+        return logits
+
+    def _decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Embedding, every layer's cache write and attention, logits: static shapes. (S,) -> (S, V)."""
+        rope = self.rope[cache.step.position][None]  # (1, D/2, 2)
         h = self.tok_embeddings(tokens)[:, None]  # (S, 1, dim)
         for layer, layer_cache in zip(self.layers, cache.layers):
-            h = layer.step(h, rope, layer_cache, position)
-        cache.end_step()
+            h = layer.step(h, rope, layer_cache)
         return self._logits(h[:, 0])
 
 

@@ -1,0 +1,77 @@
+"""Compiled decoding (compile=true) against the same oracle as eager decoding, for every policy.
+
+torch.compile takes a while on two cores, so only LineAR (per-head holes, masked attention, line-end
+scoring: the most variants of the step) runs in the default suite; the other policies are `slow`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import CACHE_CONFIGS, tiny_llamagen
+from lineareval.keep import parse_keep
+from lineareval.runner import build_generator, build_policy
+from test_cache import oracle_masks, run_policy
+
+DEFAULT_SUITE = ("linear",)
+
+
+def cases():
+    for name in CACHE_CONFIGS:
+        keep = "1" if name == "full" else 21  # 21 of 64: not a whole number of lines
+        marks = () if name in DEFAULT_SUITE else (pytest.mark.slow,)
+        yield pytest.param(name, keep, id=f"{name}-{keep}", marks=marks)
+
+
+@pytest.fixture(scope="module")
+def compiled_model():
+    torch._dynamo.reset()
+    model = tiny_llamagen(grid=8)
+    model.compile_decode()
+    return model
+
+
+@pytest.mark.parametrize("name, keep", list(cases()))
+def test_compiled_decoding_passes_the_oracle_and_equals_eager(compiled_model, policy_factory, name, keep):
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.tensor([3, 7, 10, 10])
+    tokens = torch.randint(0, compiled_model.config.vocab_size, (4, compiled_model.layout.num_visual),
+                           generator=generator)
+    budget = parse_keep(keep).budget(compiled_model.layout.num_visual)
+    compiled = run_policy(compiled_model, policy_factory(name), budget, labels, tokens)
+    eager = run_policy(tiny_llamagen(grid=8), policy_factory(name), budget, labels, tokens)
+    oracle = compiled_model(labels, tokens[:, :-1], oracle_masks(compiled, compiled_model.layout.prefix_len))
+    torch.testing.assert_close(compiled.logits, oracle, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled.logits, eager.logits, rtol=1e-4, atol=1e-4)
+    for compiled_maps, eager_maps in zip(compiled.after, eager.after):  # the same evictions, step by step
+        assert all(torch.equal(a, b) for a, b in zip(compiled_maps, eager_maps))
+    assert compiled_model.decoding.compiled
+
+
+@pytest.mark.slow
+def test_compiled_generator_samples_the_same_tokens(make_config):
+    """compile=true end to end (decode step and sampler): the same tokens as eager."""
+    tokens = {}
+    for compile in (False, True):
+        cfg = make_config("weights=random", "model.image_size=128", f"compile={compile}", "cache=linear")
+        generator = build_generator(cfg, torch.device("cpu"), torch.float32)
+        assert generator.compiled is compile and generator.gpt.decoding.compiled is compile
+        tokens[compile] = generator.generate(torch.tensor([1, 2]), torch.arange(2), build_policy(cfg.cache), 24,
+                                             seed=3).tokens
+    assert torch.equal(tokens[False], tokens[True])
+
+
+def test_cuda_graph_mode_reuses_one_cache_and_resets_it(policy_factory):
+    """With CUDA graphs a generation reuses the previous cache (addresses stay); emptied, it decodes as new."""
+    model = tiny_llamagen(grid=8)
+    labels, tokens = torch.tensor([3, 10]), torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
+    fresh = run_policy(model, policy_factory("linear"), 24, labels, tokens)
+    model.decoding.cuda_graphs = True  # the GPU bookkeeping without a GPU (the step itself stays eager)
+    first = model.new_cache(policy_factory("linear"), 24, 2)
+    assert first.state.width_multiple == 64
+    again = run_policy(model, policy_factory("linear"), 24, labels, tokens)  # the same cache, used and reset
+    assert model.new_cache(policy_factory("linear"), 24, 2) is first
+    assert model.new_cache(policy_factory("linear"), 32, 2) is not first  # another budget: a new cache
+    torch.testing.assert_close(again.logits, fresh.logits, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(again.after[-1], fresh.after[-1]))
