@@ -24,7 +24,7 @@ grid = $(SWEEP) +experiment=$(1) cache=full keep=1 $(ARGS) && $(SWEEP) +experime
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations
+.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations perf
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,9 @@ dpg: setup ## DPG-Bench, Lumina-mGPT-768: full + the four policies x keep 1/4,1/
 ablations: setup ## LineAR ablations on ImageNet FID (LlamaGen-XL): keep, anchors, recent lines, score source
 	for experiment in ablation_keep ablation_anchors ablation_recent_lines ablation_score_source; do \
 		$(SWEEP) +experiment=$$experiment $(ARGS) || exit 1; done
+
+perf: setup ## CPU performance report into results/ (efficiency, roofline, per-step latency); OFFICIAL=path/to/LlamaGen adds the official loop
+	$(PY) scripts/perf_report.py $(if $(OFFICIAL),--official $(OFFICIAL),--skip-official)
 
 collect: setup ## gather every finished run under outputs/ into results/*.csv (beside the paper's numbers)
 	$(PY) scripts/collect.py outputs --out results

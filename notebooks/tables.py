@@ -26,6 +26,7 @@
 # keep and batch size.
 
 # %%
+import json
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -87,6 +88,12 @@ def text(column: pd.Series) -> pd.Series:
     return column.astype("string").fillna("")
 
 
+def settings(policy: str) -> str:
+    """A policy's settings as collect writes them (JSON) -> `anchors=line,recent_lines=1,...`; blank if none."""
+    values = json.loads(policy) if policy else None
+    return ",".join(f"{key}={value}" for key, value in values.items()) if values else ""
+
+
 def percent(value: float) -> str:
     return "-" if pd.isna(value) else f"{100 * value:.2f}%"
 
@@ -126,17 +133,20 @@ else:
 # %% [markdown]
 # ## Quality
 #
-# One row per model, method, keep and origin; metric columns as `scripts/collect.py` names them. Several
-# runs of ours with the same settings (e.g. different seeds) are averaged, and `runs` counts them.
+# One row per model, method, keep, policy settings (blank for the paper's rows) and origin; metric
+# columns as `scripts/collect.py` names them. Several runs of ours with the same settings (e.g. different
+# seeds) are averaged, and `runs` counts them.
 
 # %%
 def quality_table(rows: pd.DataFrame, benchmark: str) -> pd.DataFrame:
-    """Metrics of one benchmark as columns, one row per (model, method, keep, source, weights, samples)."""
+    """Metrics of one benchmark as columns, one row per (model, method, keep, policy settings, source, weights,
+    samples): ablation runs differ from the default LineAR run only in their settings."""
     rows = rows[rows.benchmark == benchmark].reindex(columns=list(dict.fromkeys(
-        ["model", "cache", "keep", "source", "weights", "num_samples", "metric", "value", "run_dir", *rows.columns])))
-    rows = rows.assign(weights=text(rows.weights),
+        ["model", "cache", "keep", "policy", "source", "weights", "num_samples", "metric", "value", "run_dir",
+         *rows.columns])))
+    rows = rows.assign(weights=text(rows.weights), policy=text(rows.policy).map(settings),
                        num_samples=rows.num_samples.map(lambda count: "" if pd.isna(count) else str(int(count))))
-    keys = ["model", "cache", "keep", "source", "weights", "num_samples"]
+    keys = ["model", "cache", "keep", "policy", "source", "weights", "num_samples"]
     table = rows.pivot_table(index=keys, columns="metric", values="value", aggfunc="mean", sort=False)
     metrics = [metric for metric in QUALITY_METRICS if metric in table] + sorted(set(table) - set(QUALITY_METRICS))
     table = table[metrics].join(rows.groupby(keys, sort=False).run_dir.nunique().rename("runs")).reset_index()

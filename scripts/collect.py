@@ -4,14 +4,16 @@
 
 Writes `efficiency.csv` (benchmark=efficiency rows plus the paper's efficiency table) and
 `quality.csv` (one row per metric of imagenet_fid / coco_fid / dpg runs plus the paper's reported
-numbers). Every row says where it came from: `source` is `ours` or `paper`, and ours carry the device,
-the weights (checkpoint or random) and the run folder. `step_latency.csv` gathers the per-step decode
+numbers; `policy` holds the run's policy settings as JSON, which tells the ablation rows apart).
+Every row says where it came from: `source` is `ours` or `paper`, and ours carry the device, the
+weights (checkpoint or random) and the run folder. `step_latency.csv` gathers the per-step decode
 times of every efficiency run (model, cache, keep, batch_size, step, seconds, plus the same origin).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -34,8 +36,8 @@ def collect(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
             efficiency += [{**row, "peak_memory_gb": row["peak_memory_bytes"] / 1e9, **origin} for row in record["rows"]]
             continue
         quality += [{"benchmark": config.benchmark.name, "model": record["model"], "cache": record["cache"],
-                     "keep": record["keep"], "metric": metric, "value": record[metric], "num_samples":
-                     record["num_samples"], **origin}
+                     "keep": record["keep"], "policy": json.dumps(record.get("policy"), sort_keys=True),
+                     "metric": metric, "value": record[metric], "num_samples": record["num_samples"], **origin}
                     for metric in QUALITY_METRICS if record.get(metric) is not None]
     efficiency_table = pd.concat([pd.DataFrame(efficiency), pd.read_csv(PAPER / "efficiency.csv", dtype={"keep": str})])
     quality_table = pd.concat([pd.DataFrame(quality), pd.read_csv(PAPER / "quality.csv", dtype={"keep": str})])

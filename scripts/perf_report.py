@@ -1,11 +1,12 @@
 """Every measurement of the performance report on this machine, in one go, into `results/`.
 
     python scripts/perf_report.py --official PATH/TO/LlamaGen [--out results] [--runs outputs/perf]
-        [--skip-official] [--batch 32] [--official-batch 16]
+        [--skip-official] [--batch 32] [--official-batch 16] [--repeats 3]
 
 1. The CPU efficiency benchmark (conf/model/llamagen_cpu.yaml: 8 layers, dim 512, 384 px, random
    weights, fp32, `--batch` images with CFG), all five policies at keeps 1/4 and 1/6, compile off
-   and on, each in its own process (`run.py benchmark=efficiency`), into `--runs`.
+   and on, each in its own process (`run.py benchmark=efficiency`, `--repeats` timed generations per
+   policy, medians), into `--runs`.
 2. `scripts/roofline.py` on both runs.
 3. `scripts/official_speed.py`: the official LlamaGen loop vs ours, full cache, no compile, same
    config, `--official-batch` images.
@@ -14,7 +15,7 @@
 Writes `cpu_efficiency.csv` (both runs' rows), `cpu_step_latency.csv` (per-step times, the columns of
 scripts/collect.py's step_latency.csv), `cpu_step_latency.png`, `cpu_roofline.csv`,
 `official_speed_cpu{.csv,_steps.csv,.png}` and `cpu_perf_targets.csv` (target, configuration, value,
-threshold, met). About 50 minutes on two idle cores; the CPU must not be shared while it runs.
+threshold, met). About 55 minutes on two idle cores (repeats 3); the CPU must not be shared while it runs.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ def run(*command: str) -> None:
     subprocess.run([sys.executable, *command], check=True, cwd=ROOT, env=env)
 
 
-def efficiency_run(run_dir: Path, batch: int, compile: bool) -> None:
+def efficiency_run(run_dir: Path, batch: int, compile: bool, repeats: int) -> None:
     run("run.py", "benchmark=efficiency", "model=llamagen_cpu", "weights=random", "dtype=float32",
         "device=cpu", f"num_samples={batch}", f"batch_size={batch}", "decode_images=false", f"compile={compile}",
-        f"run_dir={run_dir}", "force=true")
+        f"benchmark.repeats={repeats}", f"run_dir={run_dir}", "force=true")
 
 
 def latency_figure(steps: pd.DataFrame, path: Path) -> None:
@@ -119,6 +120,8 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("outputs") / "perf", help="relative to the repository root")
     parser.add_argument("--batch", type=int, default=32, help="images of the efficiency runs (CFG doubles them)")
     parser.add_argument("--official-batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed generations per policy; latencies are their medians (one VM's timings drift)")
     args = parser.parse_args()
     if not args.skip_official and not args.official:
         parser.error("give --official PATH (a LlamaGen checkout) or --skip-official")
@@ -128,7 +131,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     run_dirs = {compile: runs / f"llamagen_cpu_{'compiled' if compile else 'eager'}" for compile in (False, True)}
     for compile, run_dir in run_dirs.items():
-        efficiency_run(run_dir, args.batch, compile)
+        efficiency_run(run_dir, args.batch, compile, args.repeats)
     run("scripts/roofline.py", *map(str, run_dirs.values()), "--out", str(out / "cpu_roofline.csv"))
     official = None
     if not args.skip_official:

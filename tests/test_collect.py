@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,8 @@ def test_collect_puts_our_rows_beside_the_papers(make_config, tmp_path, referenc
     quality = pd.read_csv(out / "quality.csv", dtype={"keep": str})
     fid = quality[(quality.source == "ours") & (quality.metric == "fid")]
     assert len(fid) == 1 and fid.value.iloc[0] > 0 and fid.benchmark.iloc[0] == "imagenet_fid"
+    record = json.loads(next((tmp_path / "outputs").glob("imagenet_fid/**/metrics.json")).read_text())
+    assert json.loads(fid.policy.iloc[0]) == record["policy"] and record["policy"]  # ablation rows differ here
     assert set(quality[quality.source == "paper"].value) == {2.77, 2.68, 23.85, 22.86}
     steps = pd.read_csv(out / "step_latency.csv", dtype={"keep": str})
     assert list(steps.columns) == ["model", "cache", "keep", "batch_size", "step", "seconds", "source", "device_name",

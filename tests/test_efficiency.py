@@ -53,6 +53,43 @@ def test_step_latency_has_every_decode_step_of_every_timed_run(make_config):
         assert row["step_s_last_line"] == pytest.approx(mine.seconds.iloc[-7:].mean())
 
 
+def test_repeated_timings_report_medians(make_config, monkeypatch):
+    """benchmark.repeats=3: latency and every step's time are the medians of three timed generations."""
+    from lineareval.benchmarks import efficiency
+
+    totals = iter([3.0, 1.0, 2.0])  # the timed generations' wall times, in order
+    real = efficiency.StepTimer
+
+    class FakeTimer(real):
+        """Steps of the k-th timed run take k + step/100 seconds (k = 1, 2, 3 in run order)."""
+        runs = 0
+
+        def __init__(self, steps, device):
+            super().__init__(steps, device)
+            FakeTimer.runs += 1
+            self.run = FakeTimer.runs
+
+        def seconds(self):
+            return [self.run + step / 100 for step in range(len(super().seconds()))]
+
+    def fake_generation(generator, policy, budget, conditions, ids, seed, device):
+        tokens, cost = real_generation(generator, policy, budget, conditions, ids, seed, device)
+        return tokens, {**cost, "generation_s": next(totals)}
+
+    import lineareval.runner as runner
+    real_generation = runner.timed_generation
+    monkeypatch.setattr(efficiency, "StepTimer", FakeTimer)
+    monkeypatch.setattr(runner, "timed_generation", fake_generation)
+    cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=2", "model.image_size=128",
+                      "benchmark.warmup=0", "benchmark.repeats=3", "benchmark.policies=[full]")
+    (row,) = run(cfg)["rows"]
+    assert (row["repeats"], row["generation_s"], row["generation_s_spread"]) == (3, 2.0, 1.0)
+    steps = pd.read_csv(Path(cfg.run_dir) / "step_latency.csv")
+    assert steps.seconds.tolist() == pytest.approx([2 + step / 100 for step in range(63)])  # the middle run's
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        efficiency.Efficiency(repeats=0)
+
+
 def test_roofline_counts_the_model_and_the_engine_widths(policy_factory):
     """Per-step work: the matmul FLOPs and weight bytes of the real module, the widths the engine attends."""
     import sys

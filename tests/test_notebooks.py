@@ -8,6 +8,7 @@ fixture's memory/latency-against-keep figure, labelled as fixture data, to OUT.p
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -33,11 +34,13 @@ KV_BYTES_PER_TOKEN = 36 * 2 * 1280 * 2  # layers x (k, v) x dim x bf16, one sequ
 SAMPLE_COLORS = {("full", "1", 0): (255, 0, 0), ("linear", "1/4", 0): (0, 255, 0),
                  ("window", "1/4", 0): (0, 0, 255), ("linear", "1/4", 1): (255, 255, 0)}
 GRID_IMAGES = 4
-QUALITY = [  # benchmark, model, cache, keep, run, {metric: value}, samples
+LINEAR = {"anchors": "line", "recent_lines": 1, "score_source": "line"}
+QUALITY = [  # benchmark, model, cache, keep, run, {metric: value}, samples[, policy settings]
     ("imagenet_fid", "llamagen_xl", "full", "1", 0, {"fid": 2.8012, "precision": 0.8213, "recall": 0.5801}, 50000),
     ("imagenet_fid", "llamagen_xl", "linear", "1/4", 0, {"fid": 2.7433}, 50000),
     ("imagenet_fid", "llamagen_xl", "linear", "1/6", 0, {"fid": 2.7000}, 50000),
     ("imagenet_fid", "llamagen_xl", "linear", "1/6", 1, {"fid": 2.7200}, 50000),  # a second seed: averaged
+    ("imagenet_fid", "llamagen_xl", "linear", "1/6", 2, {"fid": 3.1400}, 50000, {**LINEAR, "anchors": 0}),  # ablation
     ("imagenet_fid", "llamagen_xl", "window", "1/6", 0, {"fid": 4.9031}, 50000),
     ("coco_fid", "janus_pro_1b", "full", "1", 0, {"fid": 24.1123, "clip_score": 31.2104}, 30000),
     ("coco_fid", "janus_pro_1b", "linear", "1/6", 0, {"fid": 23.0456, "clip_score": 31.0407}, 30000),
@@ -80,11 +83,14 @@ def efficiency_rows() -> pd.DataFrame:
 
 
 def quality_rows() -> pd.DataFrame:
-    return pd.DataFrame([{"benchmark": benchmark, "model": model, "cache": cache, "keep": keep, "metric": metric,
-                          "value": value, "num_samples": samples, "source": "ours", "device_name": DEVICE,
-                          "weights": "checkpoint", "run_dir": f"outputs/{benchmark}/{model}/{cache}/{keep}/{run}"}
-                         for benchmark, model, cache, keep, run, metrics, samples in QUALITY
-                         for metric, value in metrics.items()])
+    rows = []
+    for benchmark, model, cache, keep, run, metrics, samples, *policy in QUALITY:
+        settings = policy[0] if policy else LINEAR if cache == "linear" else {}
+        rows += [{"benchmark": benchmark, "model": model, "cache": cache, "keep": keep,
+                  "policy": json.dumps(settings, sort_keys=True), "metric": metric, "value": value,
+                  "num_samples": samples, "source": "ours", "device_name": DEVICE, "weights": "checkpoint",
+                  "run_dir": f"outputs/{benchmark}/{model}/{cache}/{keep}/{run}"} for metric, value in metrics.items()]
+    return pd.DataFrame(rows)
 
 
 def step_latency_rows() -> pd.DataFrame:
@@ -215,8 +221,10 @@ def test_quality_tables_average_ours_and_keep_the_papers(with_runs):
     assert has_numbers(table_lines(imagenet, "full", "paper")[0], 2.77)
     assert has_numbers(table_lines(imagenet, "linear", "1/6", "paper")[0], 2.68)
     assert has_numbers(table_lines(imagenet, "full", "ours", "50000")[0], 2.8012, 0.8213, 0.5801, 1)
-    (seeds,) = table_lines(imagenet, "linear", "1/6", "ours")
+    (seeds,) = table_lines(imagenet, "linear", "1/6", "ours", "anchors=line,recent_lines=1,score_source=line")
     assert has_numbers(seeds, 2.71, 2) and not has_numbers(seeds, 2.70, 2.72, tolerance=1e-4)
+    (ablation,) = table_lines(imagenet, "linear", "1/6", "ours", "anchors=0,recent_lines=1,score_source=line")
+    assert has_numbers(ablation, 3.14, 1)  # another LineAR setting is a row of its own, never averaged in
     coco = cell_text(with_runs["tables"], "coco_fid")
     assert has_numbers(table_lines(coco, "linear", "1/6", "ours")[0], 23.0456, 31.0407)
     assert has_numbers(table_lines(coco, "linear", "1/6", "paper")[0], 22.86)

@@ -4,14 +4,15 @@
     python run.py benchmark=efficiency model=llamagen_cpu weights=random batch_size=32 compile=true
 
 For each policy (and each keep, `full` at keep=1), untimed warm-up generations (with `compile=true`
-they compile the decode step; their time is recorded as `warmup_s`), then one timed generation of
-the same batch: peak memory (CUDA allocator peak, or CPU RSS increase), KV-cache bytes, latency of
-the batch, throughput, speedup / memory saving against `full`, and the largest batch whose measured
-per-image memory fits `memory_limit_gib`, and `cores_busy` (process CPU seconds per wall second of the
-timed run: below the core count when another process took CPU time, i.e. the timing is unreliable).
-Rows go to `efficiency.csv` and `metrics.json` in the run folder, and the table is printed in the paper's layout. The wall time of every decode step of each
-timed generation goes to `step_latency.csv` in the run folder (model, cache, keep, batch_size, step,
-seconds; step i = sampling visual token i and feeding it through the model, evictions included).
+they compile the decode step; their time is recorded as `warmup_s`), then `repeats` timed generations
+of the same batch (medians: see `Efficiency.measure`): peak memory (CUDA allocator peak, or CPU RSS
+increase), KV-cache bytes, latency of the batch, throughput, speedup / memory saving against `full`,
+the largest batch whose measured per-image memory fits `memory_limit_gib`, and `cores_busy` (process
+CPU seconds per wall second of the timed runs: below the core count when another process took CPU
+time, i.e. the timing is unreliable). Rows go to `efficiency.csv` and `metrics.json` in the run
+folder, and the table is printed in the paper's layout. The wall time of every decode step goes to
+`step_latency.csv` in the run folder (model, cache, keep, batch_size, step, seconds; step i = sampling
+visual token i and feeding it through the model, evictions included).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ctypes
 import gc
 import logging
 import math
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +50,14 @@ class Efficiency:
     policies: list[str] = field(default_factory=lambda: ["full", "window", "streamingllm", "h2o", "linear"])
     keeps: list[str] = field(default_factory=lambda: ["1/4", "1/6"])
     warmup: int = 1
+    repeats: int = 1  # timed generations per policy: medians of their times
     prompt: str = DEFAULT_PROMPT
     memory_limit_gib: float = 16.0  # for `max_batch_at_limit`
+
+    def __post_init__(self) -> None:
+        if self.repeats < 1 or self.warmup < 0:
+            raise ValueError(f"benchmark.repeats must be >= 1 and benchmark.warmup >= 0 (got {self.repeats}, "
+                             f"{self.warmup})")
 
     def run_suite(self, cfg, generator, device) -> list[dict]:
         from lineareval.runner import build_policy
@@ -84,7 +92,11 @@ class Efficiency:
 
     def measure(self, cfg, generator, policy, budget: int, conditions, ids: torch.Tensor,
                 device: torch.device) -> tuple[dict, list[float]]:
-        """Warm-up generations, then one timed generation with per-step times: (cost row, step seconds)."""
+        """Warm-up generations, then `repeats` timed generations: (cost row, step seconds).
+
+        The row's `generation_s` is the median of the repeats, and each step's time the median of that
+        step over the repeats (a burst of noise in one repeat does not move either); the peak memory is
+        the largest of the repeats; `generation_s_spread` = (slowest - fastest) / median."""
         from lineareval.runner import timed_generation
 
         if cfg.compile:
@@ -95,10 +107,18 @@ class Efficiency:
         warmup_s = time.perf_counter() - began
         release_freed_memory()
         resident = resident_bytes(device)
-        timer = StepTimer(generator.layout.num_visual - 1, device)
-        cpu_began = time.process_time()
-        _, cost = timed_generation(WithTimer(generator, timer), policy, budget, conditions, ids, cfg.seed, device)
-        cpu_seconds = time.process_time() - cpu_began  # all threads: ~ cores x wall time when none is shared
+        costs, step_times, cpu_seconds = [], [], 0.0
+        for _ in range(self.repeats):
+            timer = StepTimer(generator.layout.num_visual - 1, device)
+            cpu_began = time.process_time()
+            costs.append(timed_generation(WithTimer(generator, timer), policy, budget, conditions, ids, cfg.seed,
+                                          device)[1])
+            cpu_seconds += time.process_time() - cpu_began  # all threads: ~ cores x wall time when none is shared
+            step_times.append(timer.seconds())
+        totals = [cost["generation_s"] for cost in costs]
+        cost = {**costs[totals.index(statistics.median_low(totals))], "generation_s": statistics.median(totals),
+                "peak_memory_bytes": max(cost["peak_memory_bytes"] for cost in costs)}
+        seconds = [statistics.median(times) for times in zip(*step_times)]
         batch = cfg.batch_size
         if device.type == "cuda":  # the peak is absolute there; with CUDA graphs the caches outlive the warm-up
             retained = cost["kv_cache_capacity_bytes"] if cfg.compile and self.warmup else 0
@@ -107,13 +127,15 @@ class Efficiency:
         else:
             increase = cost["peak_memory_bytes"]  # already the increase over what the process held
         per_image = max(increase, 1) / batch
-        row = {**cost, "compile": bool(cfg.compile), "warmup_s": warmup_s, "process_cpu_s": cpu_seconds,
-               "cores_busy": cpu_seconds / cost["generation_s"], "images_per_s": batch / cost["generation_s"],
+        row = {**cost, "compile": bool(cfg.compile), "warmup_s": warmup_s, "repeats": self.repeats,
+               "generation_s_spread": (max(totals) - min(totals)) / cost["generation_s"],
+               "process_cpu_s": cpu_seconds, "cores_busy": cpu_seconds / sum(totals),
+               "images_per_s": batch / cost["generation_s"],
                "tokens_per_s": batch * generator.layout.num_visual / cost["generation_s"],
                "memory_per_image_bytes": per_image, "resident_bytes": resident,
                "max_batch_at_limit": max(0, math.floor((self.memory_limit_gib * 2**30 - resident) / per_image)),
                "memory_limit_gib": self.memory_limit_gib}
-        return row, timer.seconds()
+        return row, seconds
 
 
 class WithTimer:
