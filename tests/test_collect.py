@@ -20,7 +20,7 @@ def test_collect_puts_our_rows_beside_the_papers(make_config, tmp_path, referenc
                     "benchmark.keeps=[1/4]", "benchmark.warmup=0", "benchmark.policies=[full,linear]"))
     run(make_config("weights=random", "benchmark=imagenet_fid", f"benchmark.reference={reference_for_collect}",
                     "benchmark.extractor=tiny-collect", "benchmark.resolution=64", "num_samples=4", "batch_size=4",
-                    "model.image_size=128"))
+                    "model.image_size=128", "cache=linear", "keep=1/2"))
     out = tmp_path / "results"
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "collect.py"), str(tmp_path / "outputs"),
                              "--out", str(out)], capture_output=True, text=True,
@@ -34,7 +34,8 @@ def test_collect_puts_our_rows_beside_the_papers(make_config, tmp_path, referenc
     fid = quality[(quality.source == "ours") & (quality.metric == "fid")]
     assert len(fid) == 1 and fid.value.iloc[0] > 0 and fid.benchmark.iloc[0] == "imagenet_fid"
     record = json.loads(next((tmp_path / "outputs").glob("imagenet_fid/**/metrics.json")).read_text())
-    assert json.loads(fid.policy.iloc[0]) == record["policy"] and record["policy"]  # ablation rows differ here
+    assert json.loads(fid.policy.iloc[0]) == record["policy"]  # the LineAR settings: ablation rows differ here
+    assert record["policy"] == {"anchors": "line", "recent_lines": 1, "score_source": "line"}
     assert set(quality[quality.source == "paper"].value) == {2.77, 2.68, 23.85, 22.86}
     steps = pd.read_csv(out / "step_latency.csv", dtype={"keep": str})
     assert list(steps.columns) == ["model", "cache", "keep", "batch_size", "step", "seconds", "source", "device_name",
