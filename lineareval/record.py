@@ -206,6 +206,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
         f.write(text.encode())
 
 
+def write_csv_atomic(path: str | os.PathLike, table) -> None:
+    """A pandas DataFrame as CSV (no index column) at `path`, atomically."""
+    with _atomic_file(Path(path)) as f:
+        table.to_csv(f, index=False)
+
+
 def write_npz_atomic(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """np.savez to exactly `path` (no `.npz` appended), atomically."""
     with _atomic_file(Path(path)) as f:

@@ -33,7 +33,7 @@ from lineareval.keep import check_budget, parse_keep
 from lineareval.loggers import NoLogger
 from lineareval.memory import PeakMemory
 from lineareval.record import (METRICS_FILE, RunRecord, environment_info, is_finished, load_record, save_record,
-                               write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
+                               write_csv_atomic, write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,7 @@ def run_suite(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path) -> dict
               "weights_files": generator.weight_files, "dtype": str(dtype).removeprefix("torch."),
               "device": str(device), **environment, "rows": rows}
     table = pd.DataFrame(rows).assign(device_name=environment["device_name"], weights=cfg.weights)
-    temporary = run_dir / ".efficiency.csv.tmp"
-    table.to_csv(temporary, index=False)
-    temporary.replace(run_dir / "efficiency.csv")
+    write_csv_atomic(run_dir / "efficiency.csv", table)
     write_json_atomic(run_dir / METRICS_FILE, record)  # last: marks the run finished
     log.info("%s, weights=%s, %s, %s\n%s", cfg.model.name, cfg.weights, record["dtype"], environment["device_name"],
              paper_table(rows))

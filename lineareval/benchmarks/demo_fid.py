@@ -17,7 +17,6 @@ the same `num_samples`, not with published FIDs.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from lineareval.benchmarks.samples import SampleSet
+from lineareval.record import write_npz_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,7 @@ class DemoFID:
         if not path.is_file():
             images, _ = make_crops(self.reference_count, image_size, "heldout", seed=self.reference_seed)
             folder.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-            with os.fdopen(handle, "wb") as stream:
-                np.savez(stream, arr_0=images)
-            os.replace(temporary, path)
+            write_npz_atomic(path, arr_0=images)
             log.info("built %d held-out reference crops at %s", len(images), path)
         return path
 

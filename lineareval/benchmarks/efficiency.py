@@ -34,6 +34,7 @@ from lineareval.benchmarks.samples import Samples
 from lineareval.generators.base import StepTimer
 from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory
+from lineareval.record import write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class Efficiency:
                 rows.append({**label, "visual_budget": budget, "sequences": generator.sequences(cfg.batch_size), **row,
                              **line_means(seconds, layout.line_len)})
                 steps += [{**label, "step": step, "seconds": value} for step, value in enumerate(seconds)]
-        write_csv_atomic(pd.DataFrame(steps, columns=STEP_COLUMNS), Path(cfg.run_dir) / STEP_FILE)
+        write_csv_atomic(Path(cfg.run_dir) / STEP_FILE, pd.DataFrame(steps, columns=STEP_COLUMNS))
         return add_ratios(rows)
 
     def measure(self, cfg, generator, policy, budget: int, conditions, ids: torch.Tensor,
@@ -177,12 +178,6 @@ def resident_bytes(device: torch.device) -> int:
     with PeakMemory(device) as memory:
         pass
     return memory.baseline_bytes
-
-
-def write_csv_atomic(table: pd.DataFrame, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    table.to_csv(temporary, index=False)
-    temporary.replace(path)
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:

@@ -54,8 +54,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +70,7 @@ from lineareval.metrics.features import (
     get_extractor_spec,
     image_source,
 )
+from lineareval.record import write_npz_atomic
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +225,7 @@ def _save_cache(cache_path: Path, statistics: ReferenceStatistics) -> None:
               "sha256": np.array(statistics.sha256), "resolution": np.array(statistics.resolution)}
     if statistics.spatial_mu is not None:
         arrays.update(spatial_mu=statistics.spatial_mu, spatial_sigma=statistics.spatial_sigma)
-    handle, temporary = tempfile.mkstemp(dir=cache_path.parent, prefix=f".{cache_path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, cache_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_npz_atomic(cache_path, **arrays)
     log.info("cached reference statistics at %s", cache_path)
 
 
