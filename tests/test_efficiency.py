@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import CACHE_CONFIGS
 from lineareval.runner import run
@@ -118,3 +119,26 @@ def test_roofline_counts_the_model_and_the_engine_widths(policy_factory):
     assert not any(masked for _, masked, _ in full + window)
     linear = attended_widths(policy_factory("linear"), layout, 16)  # capacity 1 + 16 + 8: grows within each line
     assert max(width for width, _, _ in linear) == 25 and [width for width, _, _ in linear][24:32] == list(range(18, 26))
+
+
+def test_roofline_bounds_order_and_the_measured_products_are_the_models():
+    """Overlapped <= serial bound; the floor adds the cache traffic to the measured products."""
+    import sys
+
+    from conftest import tiny_llamagen
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from roofline import StepWork, step_products
+
+    work = StepWork(product_flops=10, weight_bytes=4, attention_flops=2, cache_bytes=6, logits_bytes=1)
+    assert (work.flops, work.bytes) == (12, 11)
+    assert work.bound(1, 1) == 12  # everything overlapped
+    assert work.serial_bound(1, 1) == 10 + 6 + 1  # products compute-bound, attention memory-bound, then logits
+    assert work.floor(3, 1) == 3 + 7
+    config = tiny_llamagen(grid=4, layers=3).config
+    run = step_products(config, rows=4, device=torch.device("cpu"), dtype=torch.float32)
+    with torch.profiler.profile() as profile:
+        run()
+    calls = sum(event.count for event in profile.key_averages()
+                if event.key in ("mkl::_mkl_linear", "aten::mm", "aten::addmm"))
+    assert calls == 5 * config.n_layer + 1  # wqkv, wo, w1, w3, w2 per layer and the head

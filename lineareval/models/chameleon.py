@@ -29,7 +29,7 @@ import torch.nn as nn
 from lineareval.cache import KVCache, TokenLayout
 from lineareval.models.hub import checkpoint_files
 from lineareval.models.checkpoint import load_into, load_state_dict_file
-from lineareval.models.layers import DecodeStep, DecoderLayer, RMSNorm, inverse_frequencies, rotary
+from lineareval.models.layers import DecodeStep, DecoderLayer, Linear, RMSNorm, inverse_frequencies, rotary
 from lineareval.models.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -117,9 +117,9 @@ class ChameleonLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = ChameleonDecoder(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", config.inverse_frequencies(), persistent=False)
-        self.decoding = DecodeStep(self._decode_step)
+        self.decoding = DecodeStep(self._decode_step, self)
 
     def reset_rope(self) -> None:
         """Recompute the RoPE frequencies in fp32 on their current device (never stored in a checkpoint)."""
@@ -137,7 +137,7 @@ class ChameleonLM(nn.Module):
             lambda: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers, sequences=sequences,
                             heads=self.config.num_attention_heads, head_dim=self.config.head_dim, dtype=weight.dtype,
                             device=weight.device),
-            policy, (repr(policy), budget, sequences, layout))
+            policy, (repr(policy), budget, sequences, layout), sequences)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h)).float()

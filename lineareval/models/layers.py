@@ -8,6 +8,8 @@ keys enter the cache after q/k norm and RoPE, exactly as attention uses them.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +17,99 @@ import torch.nn.functional as F
 from lineareval.cache import KVCache, LayerKV
 
 QK_NORM_EPS = 1e-5  # fixed in Chameleon's q/k LayerNorm, independent of rms_norm_eps
+
+
+@torch.library.custom_op("lineareval::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  rows: int) -> torch.Tensor:
+    """x (M, in) @ weight.T (+ bias) with MKL's packed copy of `weight` for M == rows (else a plain product).
+
+    An opaque op for torch.compile: inductor only lowers MKL's packed product for weights frozen
+    into the graph, and our decode step keeps them as inputs.
+    """
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+
+
+@packed_linear.register_fake
+def _(x, packed, weight, bias, rows):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+class PackedWeight(NamedTuple):
+    rows: int
+    weight: torch.Tensor  # MKL's packed layout (opaque), made for products of `rows` rows
+    source: tuple[int, int]  # the packed weight's storage address and version: a changed weight is repacked
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint keys) that can use an MKL-packed weight on CPU.
+
+    A decode step multiplies S rows (one token per sequence) by every weight matrix. MKL repacks the
+    weight on every plain fp32 product; a copy packed once for S rows skips that, and each decode
+    product runs about 20% faster on a CPU (measured on the CPU efficiency configuration). Products
+    of another row count (a prefill) and products that need a gradient use the plain product.
+    `pack_linears` makes the copies.
+    """
+
+    packed: PackedWeight | None = None
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the copy would be stale
+        self.packed = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
+        self.packed = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed
+        if (packed is None or x.numel() != packed.rows * x.shape[-1]
+                or (torch.is_grad_enabled() and self.weight.requires_grad)):  # MKL's product has no gradient
+            return F.linear(x, self.weight, self.bias)
+        product = packed_linear if torch.compiler.is_compiling() else torch.ops.mkl._mkl_linear  # eager: no wrapper
+        out = product(x.reshape(packed.rows, -1), packed.weight, self.weight, self.bias, packed.rows)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """MKL packs fp32 CPU weights (PyTorch built with MKL, as the x86 wheels are)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
+
+
+def _version(tensor: torch.Tensor) -> int:
+    try:
+        return tensor._version
+    except RuntimeError:  # an inference-mode tensor keeps no version: it cannot change outside inference mode
+        return -1
+
+
+def pack_linears(module: nn.Module, rows: int) -> int:
+    """Give every `Linear` of `module` an MKL-packed weight for products of `rows` rows (replacing
+    copies packed for another count, or for a weight changed since: moved, loaded or written in place;
+    writes through `.data` keep no version, so pack again after those with `unpack_linears` first).
+    Returns the bytes of the packed weights (the copies take about as much again: RSS grows by that
+    much, whatever their opaque tensors' numel says); 0 where MKL cannot pack."""
+    held = 0
+    for linear in module.modules():
+        if not isinstance(linear, Linear):
+            continue
+        if not can_pack(linear.weight):
+            linear.packed = None
+            continue
+        source = (linear.weight.data_ptr(), _version(linear.weight))
+        if linear.packed is None or (linear.packed.rows, linear.packed.source) != (rows, source):
+            with torch.no_grad():
+                packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
+            linear.packed = PackedWeight(rows, packed, source)
+        held += linear.weight.numel() * linear.weight.element_size()
+    return held
+
+
+def unpack_linears(module: nn.Module) -> None:
+    """Drop the packed copies (plain products again, and their memory freed)."""
+    for linear in module.modules():
+        if isinstance(linear, Linear):
+            linear.packed = None
 
 
 class RMSNorm(nn.Module):
@@ -68,9 +163,9 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
-        self.up_proj = nn.Linear(dim, hidden, bias=bias)
-        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.gate_proj = Linear(dim, hidden, bias=bias)
+        self.up_proj = Linear(dim, hidden, bias=bias)
+        self.down_proj = Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -83,10 +178,10 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         inner = heads * head_dim
-        self.q_proj = nn.Linear(dim, inner, bias=bias)
-        self.k_proj = nn.Linear(dim, inner, bias=bias)
-        self.v_proj = nn.Linear(dim, inner, bias=bias)
-        self.o_proj = nn.Linear(inner, dim, bias=bias)
+        self.q_proj = Linear(dim, inner, bias=bias)
+        self.k_proj = Linear(dim, inner, bias=bias)
+        self.v_proj = Linear(dim, inner, bias=bias)
+        self.o_proj = Linear(inner, dim, bias=bias)
         if qk_norm:
             self.q_norm = QKNorm(heads, head_dim)
             self.k_norm = QKNorm(heads, head_dim)
@@ -156,12 +251,16 @@ class DecodeStep:
     On GPU the attention width is bucketed to multiples of 64 slots, so CUDA graphs are recorded for
     a handful of widths, and the stores are marked static so that graphs never copy them.
     Compilation happens on the first steps of the first generation (a warm-up, excluded from timing).
+
+    On a CPU (fp32, MKL) every new cache also packs `module`'s `Linear` weights for products of as
+    many rows as the cache has sequences (`pack_linears`), eager or compiled: a second copy of those
+    weights in memory, for about 20% faster decode products.
     """
 
     RECOMPILE_LIMIT = 64  # per policy: a few boolean variants x static/dynamic width; several policies a process
 
-    def __init__(self, step):
-        self.step = step
+    def __init__(self, step, module: nn.Module):
+        self.step, self.module = step, module
         self.compiled = False
         self.cuda_graphs = False
         self._caches: dict[tuple, KVCache] = {}  # CUDA graphs: caches kept for the next generation
@@ -174,8 +273,8 @@ class DecodeStep:
                                   dynamic=True)  # sizes symbolic from the start: one compile per variant
         self.compiled = True
 
-    def new_cache(self, build, policy, key: tuple) -> KVCache:
-        """`build()`; with CUDA graphs, a kept cache, emptied, when `key` (what shapes it) matches.
+    def new_cache(self, build, policy, key: tuple, sequences: int) -> KVCache:
+        """`build()` for `sequences` rows; with CUDA graphs, a kept cache, emptied, when `key` (what shapes it) matches.
 
         CUDA graphs bake in the stores' addresses: reusing the stores lets the next generation replay
         the recorded graphs instead of re-recording them. `key[:2]` is (policy, budget); caches of
@@ -183,6 +282,7 @@ class DecodeStep:
         conditional and the unconditional sequences in two caches), so memory follows the run.
         """
         if not self.cuda_graphs:
+            pack_linears(self.module, sequences)  # CPU fp32 only; elsewhere nothing to pack
             return build()
         if key in self._caches:
             cache = self._caches[key]

@@ -81,7 +81,7 @@ class LlamaDecoder(nn.Module):
                          config.rms_norm_eps) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
-        self.decoding = DecodeStep(self._decode_step)
+        self.decoding = DecodeStep(self._decode_step, self)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
                 masks: list[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
@@ -125,4 +125,4 @@ class LlamaDecoder(nn.Module):
             lambda: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers, sequences=sequences,
                             heads=self.config.num_attention_heads, head_dim=self.config.head_dim, dtype=weight.dtype,
                             device=weight.device),
-            policy, (repr(policy), budget, sequences, layout))
+            policy, (repr(policy), budget, sequences, layout), sequences)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lineareval.cache import KVCache, LayerKV, TokenLayout
-from lineareval.models.layers import DecodeStep, RMSNorm
+from lineareval.models.layers import DecodeStep, Linear, RMSNorm
 
 SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536), "3B": (24, 32, 3200)}
 
@@ -90,9 +90,9 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 class FeedForward(nn.Module):
     def __init__(self, config: LlamaGenConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
-        self.w3 = nn.Linear(config.dim, config.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(config.ffn_hidden, config.dim, bias=False)
+        self.w1 = Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w3 = Linear(config.dim, config.ffn_hidden, bias=False)
+        self.w2 = Linear(config.ffn_hidden, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -102,8 +102,8 @@ class Attention(nn.Module):
     def __init__(self, config: LlamaGenConfig):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.wqkv = nn.Linear(config.dim, 3 * config.dim, bias=False)
-        self.wo = nn.Linear(config.dim, config.dim, bias=False)
+        self.wqkv = Linear(config.dim, 3 * config.dim, bias=False)
+        self.wo = Linear(config.dim, config.dim, bias=False)
 
     def project(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(S, T, dim) -> q, k, v each (S, H, T, D), q and k rotated."""
@@ -166,9 +166,9 @@ class LlamaGen(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("rope", self._rope_table(), persistent=False)
-        self.decoding = DecodeStep(self._decode_step)
+        self.decoding = DecodeStep(self._decode_step, self)
 
     def _rope_table(self, device: torch.device | None = None) -> torch.Tensor:
         config = self.config
@@ -193,7 +193,7 @@ class LlamaGen(nn.Module):
         return self.decoding.new_cache(
             lambda: KVCache(policy, self.layout, budget, num_layers=self.config.n_layer, sequences=sequences,
                             heads=self.config.n_head, head_dim=self.config.head_dim, dtype=dtype, device=device),
-            policy, (repr(policy), budget, sequences))
+            policy, (repr(policy), budget, sequences), sequences)
 
     def compile_decode(self) -> None:
         """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""

@@ -1,0 +1,95 @@
+"""MKL-packed decode weights on CPU: the same products as nn.Linear, never stale, eager and compiled."""
+
+import pytest
+import torch
+
+from conftest import tiny_llamagen
+from lineareval.models import layers
+from lineareval.models.layers import Linear, pack_linears, unpack_linears
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="PyTorch built without MKL")
+
+
+def packed_linears(model) -> list[Linear]:
+    return [module for module in model.modules() if isinstance(module, Linear) and module.packed is not None]
+
+
+def test_packed_product_equals_the_plain_one_and_falls_back_for_other_row_counts():
+    torch.manual_seed(0)
+    linear = Linear(48, 80, bias=True)
+    plain = torch.nn.functional.linear
+    assert pack_linears(linear, rows=6) == 48 * 80 * 4
+    for x in (torch.randn(6, 1, 48), torch.randn(6, 48), torch.randn(3, 1, 48),  # 3 rows: the plain product
+              torch.randn(1, 48, 6).transpose(1, 2)):  # (1, 6, 48), not contiguous
+        out = linear(x)
+        assert out.shape == (*x.shape[:-1], 80)
+        torch.testing.assert_close(out, plain(x, linear.weight, linear.bias), rtol=1e-6, atol=1e-6)
+
+
+def test_products_that_need_a_gradient_use_the_plain_product():
+    linear = Linear(8, 4)
+    pack_linears(linear, rows=2)
+    x = torch.randn(2, 8)
+    linear(x).sum().backward()  # MKL's packed product has no gradient
+    assert linear.weight.grad is not None and linear.weight.grad.shape == (4, 8)
+
+
+def test_packed_weights_never_go_stale():
+    linear = Linear(32, 16)
+    pack_linears(linear, rows=4)
+    first = linear.packed
+    pack_linears(linear, rows=4)
+    assert linear.packed is first  # unchanged weight, same rows: kept
+    with torch.no_grad():
+        linear.weight.mul_(2.0)  # in place: a new version
+    pack_linears(linear, rows=4)
+    assert linear.packed is not first
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, linear.weight, linear.bias))
+    pack_linears(linear, rows=8)
+    assert linear.packed.rows == 8
+    linear.load_state_dict({"weight": torch.randn(16, 32), "bias": torch.randn(16)})
+    assert linear.packed is None  # loaded: dropped, repacked at the next cache
+    pack_linears(linear, rows=4)
+    linear.double()
+    assert linear.packed is None
+    assert pack_linears(linear, rows=4) == 0 and linear.packed is None  # fp64: MKL packs fp32 only
+    unpack_linears(linear.float())
+    assert linear.packed is None
+
+
+def generate_logits(model, policy, budget: int, labels: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding; the logits of every step (S, N, V)."""
+    cache = model.new_cache(policy, budget, len(labels))
+    logits = [model.prefill(labels, cache)]
+    for index in range(model.layout.num_visual - 1):
+        logits.append(model.decode(logits[-1].argmax(-1), index, cache))
+    return torch.stack(logits, dim=1)
+
+
+@pytest.mark.parametrize("name, budget", [("full", 64), ("linear", 16), ("h2o", 16)])
+@torch.inference_mode()
+def test_decoding_with_packed_weights_equals_plain_products(policy_factory, monkeypatch, name, budget):
+    model = tiny_llamagen(grid=8)
+    labels = torch.tensor([1, 2, 3])
+    packed = generate_logits(model, policy_factory(name), budget, labels)
+    assert len(packed_linears(model)) == 2 * 5 + 1  # wqkv, wo, w1, w2, w3 per layer and the head
+    monkeypatch.setattr(layers, "can_pack", lambda weight: False)
+    plain = generate_logits(model, policy_factory(name), budget, labels)
+    assert not packed_linears(model)
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.argmax(-1), plain.argmax(-1))
+
+
+@torch.inference_mode()
+def test_compiled_decode_step_uses_the_packed_weights(policy_factory):
+    labels = torch.tensor([1, 2])
+    reference = generate_logits(tiny_llamagen(grid=4, layers=1), policy_factory("linear"), 8, labels)
+    compiled = tiny_llamagen(grid=4, layers=1)
+    compiled.compile_decode()
+    with torch.profiler.profile() as profile:
+        out = generate_logits(compiled, policy_factory("linear"), 8, labels)
+    calls = {event.key: event.count for event in profile.key_averages()}
+    steps = compiled.layout.num_visual - 1
+    assert calls.get("lineareval::packed_linear", 0) >= 6 * steps  # wqkv, wo, w1, w2, w3, head: every step
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
