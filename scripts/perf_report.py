@@ -109,6 +109,9 @@ def targets(efficiency: pd.DataFrame, roofline: pd.DataFrame, official: pd.DataF
             if key in bound.index:
                 fraction = bound.loc[key].fraction_of_bound
                 add(f"{key[0]} {key[1]}: roofline bound / measured", mode, fraction, ">= 0.50", fraction >= 0.5)
+                for column, what in (("fraction_of_serial_bound", "serial bound"), ("fraction_of_floor", "floor")):
+                    if column in bound.columns:
+                        add(f"{key[0]} {key[1]}: {what} / measured", mode, bound.loc[key][column], "reported", True)
     return pd.DataFrame(rows)
 
 
