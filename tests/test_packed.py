@@ -58,6 +58,18 @@ def test_packed_weights_never_go_stale():
     assert linear.packed is None
 
 
+def test_no_packing_when_a_second_copy_would_crowd_memory(monkeypatch, caplog):
+    model = tiny_llamagen(grid=4, layers=1)
+    weights = sum(linear.weight.numel() * 4 for linear in model.modules() if isinstance(linear, Linear))
+    assert pack_linears(model, rows=4) == weights and packed_linears(model)
+    monkeypatch.setattr(layers, "available_memory", lambda: 2 * weights - 1)
+    assert pack_linears(model, rows=4) == weights  # already packed: nothing more to allocate
+    assert pack_linears(model, rows=8) == 0  # new copies would take over half of what is available
+    assert not packed_linears(model) and "not packing" in caplog.text
+    monkeypatch.setattr(layers, "available_memory", lambda: 2 * weights)
+    assert pack_linears(model, rows=8) == weights and packed_linears(model)
+
+
 def generate_logits(model, policy, budget: int, labels: torch.Tensor) -> torch.Tensor:
     """Greedy decoding; the logits of every step (S, N, V)."""
     cache = model.new_cache(policy, budget, len(labels))

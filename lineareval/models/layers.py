@@ -8,6 +8,8 @@ keys enter the cache after q/k norm and RoPE, exactly as attention uses them.
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import NamedTuple
 
 import torch
@@ -15,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lineareval.cache import KVCache, LayerKV
+
+log = logging.getLogger(__name__)
 
 QK_NORM_EPS = 1e-5  # fixed in Chameleon's q/k LayerNorm, independent of rms_norm_eps
 
@@ -76,6 +80,14 @@ def can_pack(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
 
 
+def available_memory() -> int:
+    """Bytes of memory the system has available (Linux; elsewhere assume plenty)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def _version(tensor: torch.Tensor) -> int:
     try:
         return tensor._version
@@ -87,22 +99,35 @@ def pack_linears(module: nn.Module, rows: int) -> int:
     """Give every `Linear` of `module` an MKL-packed weight for products of `rows` rows (replacing
     copies packed for another count, or for a weight changed since: moved, loaded or written in place;
     writes through `.data` keep no version, so pack again after those with `unpack_linears` first).
-    Returns the bytes of the packed weights (the copies take about as much again: RSS grows by that
-    much, whatever their opaque tensors' numel says); 0 where MKL cannot pack."""
-    held = 0
-    for linear in module.modules():
-        if not isinstance(linear, Linear):
-            continue
+
+    Returns the bytes of the packed weights; the copies take about as much again (RSS grows by that
+    much, whatever their opaque tensors' numel says). 0 where MKL cannot pack, and where the copies
+    still to make would take more than half of the memory the system has available (then every
+    product stays plain, with a warning).
+    """
+    linears = [linear for linear in module.modules() if isinstance(linear, Linear)]
+    for linear in linears:
         if not can_pack(linear.weight):
             linear.packed = None
-            continue
+    linears = [linear for linear in linears if can_pack(linear.weight)]
+
+    def current(linear: Linear) -> bool:
         source = (linear.weight.data_ptr(), _version(linear.weight))
-        if linear.packed is None or (linear.packed.rows, linear.packed.source) != (rows, source):
+        return linear.packed is not None and (linear.packed.rows, linear.packed.source) == (rows, source)
+
+    missing = sum(linear.weight.numel() * linear.weight.element_size() for linear in linears if not current(linear))
+    if missing > available_memory() // 2:
+        log.warning("not packing %.2f GB of decode weights (%.2f GB of memory available): plain products",
+                    missing / 1e9, available_memory() / 1e9)
+        unpack_linears(module)
+        return 0
+    for linear in linears:
+        if not current(linear):
+            linear.packed = None  # free the stale copy first
             with torch.no_grad():
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
-            linear.packed = PackedWeight(rows, packed, source)
-        held += linear.weight.numel() * linear.weight.element_size()
-    return held
+            linear.packed = PackedWeight(rows, packed, (linear.weight.data_ptr(), _version(linear.weight)))
+    return sum(linear.weight.numel() * linear.weight.element_size() for linear in linears)
 
 
 def unpack_linears(module: nn.Module) -> None:
