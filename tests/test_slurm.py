@@ -23,7 +23,6 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from omegaconf import OmegaConf
 
 from lineareval.config import register_resolvers
 from lineareval.runner import run
@@ -192,20 +191,48 @@ class Sweep:
         """`job -> state` from Slurm's accounting, once all have finished: {"7_0": ..., "7_1": ...} for an
         array of `tasks` runs (a sweep), {"7": ...} for a single job (submitit does not make an array of one).
 
-        slurmdbd records jobs asynchronously: under load sacct can list the array's pending remainder
-        ("7") before the task that already ran ("7_0"), so wait until every expected job is listed."""
+        A task cancelled while pending may be listed only inside the array's remainder ("7_[1%1]", or
+        "7_[0-1%1]" while the record of task 0, which ran, is listed on its own too): a remainder row
+        gives its state to the tasks it names that have no row of their own. slurmdbd records jobs
+        asynchronously, so under load sacct can list the remainder before the task that already ran:
+        the answer counts once every expected job is listed, all finished, and it has not changed for
+        5 seconds."""
         expected = {f"{job_id}_{task}" for task in range(tasks)} if tasks else {job_id}
-        deadline = time.monotonic() + 60
+        deadline, previous, stable_since = time.monotonic() + 60, None, time.monotonic()
         while True:
             result = subprocess.run(["sacct", "-X", "--noheader", "--parsable2", f"--jobs={job_id}",
                                      "--format=JobID,State"], env=self.cluster.env, capture_output=True, text=True)
-            rows = [line.split("|") for line in result.stdout.splitlines()]
-            # "7_0|COMPLETED", or for a task cancelled while pending "7_[1%1]|CANCELLED by 0"
-            states = {job.replace("[", "").split("%")[0].rstrip("]"): state.split()[0] for job, state in rows}
+            states = sacct_states(result.stdout)
+            if states != previous:
+                previous, stable_since = states, time.monotonic()
             done = set(states) >= expected and all(state in TERMINAL for state in states.values())
-            if done or time.monotonic() > deadline:
-                return states
+            if (done and time.monotonic() - stable_since >= 5) or time.monotonic() > deadline:
+                return {job: state for job, state in states.items() if job in expected}
             time.sleep(0.5)
+
+
+def sacct_states(text: str) -> dict[str, str]:
+    """`sacct --parsable2 --format=JobID,State` rows -> {job: state}. A row of an array's remainder
+    ("7_[1%1]", "7_[0-1%1]", "7_[2,4-5]") gives its state to each task it names that has no row of its own."""
+    own, remainder = {}, {}
+    for job, state in (line.split("|") for line in text.splitlines()):
+        state = state.split()[0]  # "CANCELLED by 0" -> "CANCELLED"
+        if "_[" not in job:
+            own[job] = state
+            continue
+        array, tasks = job.split("_[")
+        for part in tasks.rstrip("]").split("%")[0].split(","):
+            first, _, last = part.partition("-")
+            for task in range(int(first), int(last or first) + 1):
+                remainder[f"{array}_{task}"] = state
+    return {**remainder, **own}
+
+
+def test_sacct_states_expand_an_array_remainder():
+    assert sacct_states("7_0|COMPLETED\n7_[0-1%1]|CANCELLED by 0\n") == {"7_0": "COMPLETED", "7_1": "CANCELLED"}
+    assert sacct_states("7_0|COMPLETED\n7_[1%1]|CANCELLED by 0") == {"7_0": "COMPLETED", "7_1": "CANCELLED"}
+    assert sacct_states("7_[2,4-5]|PENDING\n7_4|RUNNING") == {"7_2": "PENDING", "7_4": "RUNNING", "7_5": "PENDING"}
+    assert sacct_states("8|COMPLETED") == {"8": "COMPLETED"}
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
