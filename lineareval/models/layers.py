@@ -88,11 +88,12 @@ def available_memory() -> int:
         return 1 << 62
 
 
-def _version(tensor: torch.Tensor) -> int:
+def _source(weight: torch.Tensor) -> tuple[int, int]:
+    """The weight's storage address and version: either changes when the weight does."""
     try:
-        return tensor._version
+        return weight.data_ptr(), weight._version
     except RuntimeError:  # an inference-mode tensor keeps no version: it cannot change outside inference mode
-        return -1
+        return weight.data_ptr(), -1
 
 
 def pack_linears(module: nn.Module, rows: int) -> int:
@@ -105,29 +106,28 @@ def pack_linears(module: nn.Module, rows: int) -> int:
     still to make would take more than half of the memory the system has available (then every
     product stays plain, with a warning).
     """
-    linears = [linear for linear in module.modules() if isinstance(linear, Linear)]
-    for linear in linears:
+    packable, stale = [], []
+    for linear in module.modules():
+        if not isinstance(linear, Linear):
+            continue
         if not can_pack(linear.weight):
             linear.packed = None
-    linears = [linear for linear in linears if can_pack(linear.weight)]
-
-    def current(linear: Linear) -> bool:
-        source = (linear.weight.data_ptr(), _version(linear.weight))
-        return linear.packed is not None and (linear.packed.rows, linear.packed.source) == (rows, source)
-
-    missing = sum(linear.weight.numel() * linear.weight.element_size() for linear in linears if not current(linear))
+            continue
+        packable.append(linear)
+        if linear.packed is None or (linear.packed.rows, linear.packed.source) != (rows, _source(linear.weight)):
+            stale.append(linear)
+    missing = sum(linear.weight.numel() * linear.weight.element_size() for linear in stale)
     if missing > available_memory() // 2:
         log.warning("not packing %.2f GB of decode weights (%.2f GB of memory available): plain products",
                     missing / 1e9, available_memory() / 1e9)
         unpack_linears(module)
         return 0
-    for linear in linears:
-        if not current(linear):
-            linear.packed = None  # free the stale copy first
-            with torch.no_grad():
-                packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
-            linear.packed = PackedWeight(rows, packed, (linear.weight.data_ptr(), _version(linear.weight)))
-    return sum(linear.weight.numel() * linear.weight.element_size() for linear in linears)
+    for linear in stale:
+        linear.packed = None  # free the stale copy first
+        with torch.no_grad():
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
+        linear.packed = PackedWeight(rows, packed, _source(linear.weight))
+    return sum(linear.weight.numel() * linear.weight.element_size() for linear in packable)
 
 
 def unpack_linears(module: nn.Module) -> None:
