@@ -66,6 +66,8 @@ def test_no_packing_when_a_second_copy_would_crowd_memory(monkeypatch, caplog):
     assert pack_linears(model, rows=4) == weights  # already packed: nothing more to allocate
     assert pack_linears(model, rows=8) == 0  # new copies would take over half of what is available
     assert not packed_linears(model) and "not packing" in caplog.text
+    assert pack_linears(model, rows=8) == 0  # the next batch's cache: still refused, not warned again
+    assert caplog.text.count("not packing") == 1
     monkeypatch.setattr(layers, "available_memory", lambda: 2 * weights)
     assert pack_linears(model, rows=8) == weights and packed_linears(model)
 

@@ -118,10 +118,13 @@ def pack_linears(module: nn.Module, rows: int) -> int:
             stale.append(linear)
     missing = sum(linear.weight.numel() * linear.weight.element_size() for linear in stale)
     if missing > available_memory() // 2:
-        log.warning("not packing %.2f GB of decode weights (%.2f GB of memory available): plain products",
-                    missing / 1e9, available_memory() / 1e9)
+        if not getattr(module, "_packing_refused", False):  # once, not at every batch's new cache
+            log.warning("not packing %.2f GB of decode weights (%.2f GB of memory available): plain products",
+                        missing / 1e9, available_memory() / 1e9)
+        module._packing_refused = True
         unpack_linears(module)
         return 0
+    module._packing_refused = False
     for linear in stale:
         linear.packed = None  # free the stale copy first
         with torch.no_grad():
