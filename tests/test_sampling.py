@@ -80,3 +80,23 @@ def test_cfg_interval_follows_the_official_loop():
     assert [config.guidance_at(index) for index in range(7)] == [True] * 5 + [False] * 2
     assert all(SamplingConfig(cfg_scale=4.0).guidance_at(index) for index in range(600))
     assert not SamplingConfig(cfg_scale=1.0).guidance_at(0)
+
+
+def test_the_stream_is_pinned():
+    """The draws of every committed result: a change here changes every sample (the demo FIDs too)."""
+    assert counter_bits(0, torch.tensor([0, 1, 7]), 0, 3).tolist() == [
+        [2954219348, 149182020, 3454647244], [3040478542, 1949842041, 1466247655], [1387161502, 1846595841, 831275751]]
+
+
+def test_host_hash_python_hash_and_tensor_hash_agree(monkeypatch):
+    """Eager CPU runs hash in numpy uint32, compiled and GPU runs in int64 tensors, keys in Python ints."""
+    from lineareval import sampling
+
+    values = [-5, 0, 1, 2**31, 2**32 - 1, 2**40 + 3, 123456789]
+    assert [sampling._mix_int(value) for value in values] == sampling._mix32(torch.tensor(values)).tolist()
+    ids, keys = torch.arange(0, 2**22, 4099), sampling.stream_keys(11, 300)
+    host_bits, host_noise = sampling.keyed_bits(ids, *keys, 3000), sampling.keyed_gumbel(ids, *keys, 3000)
+    monkeypatch.setattr(sampling, "_on_host", lambda sample_ids: False)
+    assert torch.equal(host_bits, sampling.keyed_bits(ids, *keys, 3000)) and host_bits.dtype == torch.int64
+    assert torch.equal(host_noise, sampling.keyed_gumbel(ids, *keys, 3000))
+    assert torch.isfinite(host_noise).all()

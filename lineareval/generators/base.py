@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lineareval.cache import KVCache
-from lineareval.sampling import SamplingConfig, sample_tokens
+from lineareval.sampling import SamplingConfig, draw_tokens, stream_keys
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +38,18 @@ class Sampler:
     """`sample_tokens` under the run's sampling config, compiled with the decode step when asked.
 
     Compiling matters on a CPU: the counter-hash Gumbel noise is about twenty elementwise integer
-    operations over (B, V), which inductor fuses into one loop; the draws are identical.
+    operations over (B, V), which inductor fuses into one loop; the draws are identical. The
+    (seed, token index) keys are hashed in Python first, so the compiled part is one graph that
+    takes the step's key as a number (dynamic after the second step: no recompile per token).
     """
 
     def __init__(self, config: SamplingConfig, compile: bool = False):
         self.config = config
-        self.function = torch.compile(sample_tokens) if compile else sample_tokens
+        self.function = torch.compile(draw_tokens, fullgraph=True) if compile else draw_tokens
 
     def __call__(self, logits: torch.Tensor, seed: int, sample_ids: torch.Tensor, token_index: int) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""
-        return self.function(logits, self.config, seed, sample_ids, token_index)
+        return self.function(logits, self.config, sample_ids, *stream_keys(seed, token_index))
 
 
 class StepTimer:
