@@ -91,6 +91,45 @@ def test_repeated_timings_report_medians(make_config, monkeypatch):
         efficiency.Efficiency(repeats=0)
 
 
+@pytest.mark.parametrize("order", ["interleaved", "grouped"])
+def test_timed_runs_take_turns_across_policies(make_config, monkeypatch, order):
+    """interleaved: all warm-ups, then rounds that time every entry once (each round starts one later)."""
+    from lineareval.benchmarks import efficiency
+    import lineareval.runner as runner
+
+    calls, real_generation = [], runner.timed_generation
+
+    def logged_generation(generator, policy, budget, conditions, ids, seed, device):
+        calls.append((policy.name, budget, "timed" if isinstance(generator, efficiency.WithTimer) else "warm-up"))
+        return real_generation(generator, policy, budget, conditions, ids, seed, device)
+
+    monkeypatch.setattr(runner, "timed_generation", logged_generation)
+    cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=1", "model.image_size=64",
+                      "benchmark.policies=[full,window]", "benchmark.keeps=[1/4,1/2]", "benchmark.repeats=3",
+                      f"benchmark.order={order}")
+    record = run(cfg)
+    full, quarter, half = ("full", 16, "warm-up"), ("window", 4, "warm-up"), ("window", 8, "warm-up")
+    timed = [entry[:2] + ("timed",) for entry in (full, quarter, half)]
+    if order == "interleaved":
+        assert calls == [full, quarter, half, *timed, *timed[1:], timed[0], timed[2], *timed[:2]]
+    else:
+        assert calls == [full, *[timed[0]] * 3, quarter, *[timed[1]] * 3, half, *[timed[2]] * 3]
+    assert [row["order"] for row in record["rows"]] == [order] * 3
+    assert [row["repeats"] for row in record["rows"]] == [3] * 3
+
+
+def test_compiled_runs_on_cuda_are_grouped_and_orders_are_checked():
+    from types import SimpleNamespace
+
+    from lineareval.benchmarks.efficiency import Efficiency
+
+    assert not Efficiency().interleaved(SimpleNamespace(compile=True), torch.device("cuda"))
+    assert Efficiency().interleaved(SimpleNamespace(compile=False), torch.device("cuda"))
+    assert Efficiency().interleaved(SimpleNamespace(compile=True), torch.device("cpu"))
+    with pytest.raises(ValueError, match="benchmark.order must be one of"):
+        Efficiency(order="random")
+
+
 def test_roofline_counts_the_model_and_the_engine_widths(policy_factory):
     """Per-step work: the matmul FLOPs and weight bytes of the real module, the widths the engine attends."""
     import sys

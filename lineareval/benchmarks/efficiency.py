@@ -5,7 +5,8 @@
 
 For each policy (and each keep, `full` at keep=1), untimed warm-up generations (with `compile=true`
 they compile the decode step; their time is recorded as `warmup_s`), then `repeats` timed generations
-of the same batch (medians: see `Efficiency.measure`): peak memory (CUDA allocator peak, or CPU RSS
+of the same batch (medians: see `Efficiency.summarise`), taking turns across the policies by default
+(`order`), so that a slower minute of a shared machine does not land on one policy: peak memory (CUDA allocator peak, or CPU RSS
 increase), KV-cache bytes, latency of the batch, throughput, speedup / memory saving against `full`,
 the largest batch whose measured per-image memory fits `memory_limit_gib`, and `cores_busy` (process
 CPU seconds per wall second of the timed runs: below the core count when another process took CPU
@@ -24,6 +25,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lineareval.benchmarks.samples import Samples
+from lineareval.cache import CachePolicy
 from lineareval.generators.base import StepTimer
 from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory
@@ -42,6 +45,29 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds"]
 STEP_FILE = "step_latency.csv"
+ORDERS = ("interleaved", "grouped")
+
+
+@dataclass
+class Run:
+    """One timed generation of an entry."""
+
+    cost: dict
+    step_seconds: list[float]
+    cpu_seconds: float
+    resident: int  # bytes the process held just before it
+
+
+@dataclass
+class Entry:
+    """One row of the table (a policy at one keep) while it is measured."""
+
+    name: str
+    keep: str
+    budget: int
+    policy: CachePolicy
+    warmup_s: float = 0.0
+    runs: list[Run] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +78,10 @@ class Efficiency:
     keeps: list[str] = field(default_factory=lambda: ["1/4", "1/6"])
     warmup: int = 1
     repeats: int = 1  # timed generations per policy: medians of their times
+    # "interleaved": after every entry's warm-up, round r times each entry once (a slow minute of a shared
+    # machine then hits every entry alike); "grouped": one entry's warm-up and repeats, then the next.
+    # With compile on CUDA the runs are grouped (each policy switch would re-record the CUDA graphs).
+    order: str = "interleaved"
     prompt: str = DEFAULT_PROMPT
     memory_limit_gib: float = 16.0  # for `max_batch_at_limit`
 
@@ -59,6 +89,8 @@ class Efficiency:
         if self.repeats < 1 or self.warmup < 0:
             raise ValueError(f"benchmark.repeats must be >= 1 and benchmark.warmup >= 0 (got {self.repeats}, "
                              f"{self.warmup})")
+        if self.order not in ORDERS:
+            raise ValueError(f"benchmark.order must be one of {ORDERS}, got {self.order!r}")
 
     def run_suite(self, cfg, generator, device) -> list[dict]:
         from lineareval.runner import build_policy
@@ -70,8 +102,8 @@ class Efficiency:
             raise ValueError(f"only {len(samples)} samples for batch_size={cfg.batch_size}: raise num_samples, "
                              "add prompts or images_per_prompt")
         ids, conditions = samples.batch(0, cfg.batch_size, device)
-        layout, rows, steps = generator.layout, [], []
-        for name in self.policies:
+        layout, entries = generator.layout, []
+        for name in self.policies:  # every entry is checked before anything runs
             path = CONF_DIR / "cache" / f"{name}.yaml"
             if not path.exists():
                 raise FileNotFoundError(f"benchmark.policies names {name!r} but {path} does not exist")
@@ -81,46 +113,77 @@ class Efficiency:
                 budget = keep.budget(layout.num_visual)
                 check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
                              model=cfg.model.name)
-                row, seconds = self.measure(cfg, generator, policy, budget, conditions, ids, device)
-                log.info("%s keep=%s: %.2f s (warm-up %.1f s), peak %.2f GB", name, keep.text, row["generation_s"],
-                         row["warmup_s"], row["peak_memory_bytes"] / 1e9)
-                label = {"model": cfg.model.name, "cache": name, "keep": keep.text, "batch_size": cfg.batch_size}
-                rows.append({**label, "visual_budget": budget, "sequences": generator.sequences(cfg.batch_size), **row,
-                             **line_means(seconds, layout.line_len)})
-                steps += [{**label, "step": step, "seconds": value} for step, value in enumerate(seconds)]
+                entries.append(Entry(name, keep.text, budget, policy))
+        measure = partial(self.timed_run, cfg, generator, conditions=conditions, ids=ids, device=device)
+        if self.interleaved(cfg, device):
+            if cfg.compile:
+                torch._dynamo.reset()  # one compile cache for all entries: each warm-up adds its variants
+            for entry in entries:
+                entry.warmup_s = self.warm_up(cfg, generator, entry, conditions, ids, device)
+            for repeat in range(self.repeats):  # each round starts one entry later: no entry always runs first
+                for entry in entries[repeat % len(entries):] + entries[: repeat % len(entries)]:
+                    entry.runs.append(measure(entry))
+        else:
+            for entry in entries:
+                if cfg.compile:
+                    torch._dynamo.reset()  # each policy compiles afresh in its warm-up (and frees older CUDA graphs)
+                entry.warmup_s = self.warm_up(cfg, generator, entry, conditions, ids, device)
+                entry.runs = [measure(entry) for _ in range(self.repeats)]
+        rows, steps = [], []
+        for entry in entries:
+            row, seconds = self.summarise(entry, cfg, device, layout.num_visual)
+            log.info("%s keep=%s: %.2f s (warm-up %.1f s), peak %.2f GB", entry.name, entry.keep, row["generation_s"],
+                     row["warmup_s"], row["peak_memory_bytes"] / 1e9)
+            label = {"model": cfg.model.name, "cache": entry.name, "keep": entry.keep, "batch_size": cfg.batch_size}
+            rows.append({**label, "visual_budget": entry.budget, "sequences": generator.sequences(cfg.batch_size),
+                         **row, **line_means(seconds, layout.line_len)})
+            steps += [{**label, "step": step, "seconds": value} for step, value in enumerate(seconds)]
         write_csv_atomic(Path(cfg.run_dir) / STEP_FILE, pd.DataFrame(steps, columns=STEP_COLUMNS))
         return add_ratios(rows)
 
-    def measure(self, cfg, generator, policy, budget: int, conditions, ids: torch.Tensor,
-                device: torch.device) -> tuple[dict, list[float]]:
-        """Warm-up generations, then `repeats` timed generations: (cost row, step seconds).
+    def interleaved(self, cfg, device: torch.device) -> bool:
+        """Whether the timed runs take turns across entries (see `order`)."""
+        if self.order == "interleaved" and cfg.compile and device.type == "cuda":
+            log.info("benchmark.order=interleaved runs grouped with compile on CUDA: each policy switch would "
+                     "re-record the CUDA graphs inside a timed run")
+            return False
+        return self.order == "interleaved"
+
+    def warm_up(self, cfg, generator, entry: Entry, conditions, ids: torch.Tensor, device: torch.device) -> float:
+        """`warmup` untimed generations (with `compile=true` they compile the step); their wall time."""
+        from lineareval.runner import timed_generation
+
+        began = time.perf_counter()
+        for _ in range(self.warmup):
+            timed_generation(generator, entry.policy, entry.budget, conditions, ids, cfg.seed, device)
+        return time.perf_counter() - began
+
+    def timed_run(self, cfg, generator, entry: Entry, *, conditions, ids: torch.Tensor, device: torch.device) -> Run:
+        """One timed generation: its cost, every step's time, the process CPU time and what was resident before."""
+        from lineareval.runner import timed_generation
+
+        release_freed_memory()
+        resident = resident_bytes(device)
+        timer = StepTimer(generator.layout.num_visual - 1, device)
+        cpu_began = time.process_time()
+        cost = timed_generation(WithTimer(generator, timer), entry.policy, entry.budget, conditions, ids, cfg.seed,
+                                device)[1]
+        cpu_seconds = time.process_time() - cpu_began  # all threads: ~ cores x wall time when none is shared
+        return Run(cost, timer.seconds(), cpu_seconds, resident)
+
+    def summarise(self, entry: Entry, cfg, device: torch.device, num_visual: int) -> tuple[dict, list[float]]:
+        """An entry's cost row and step seconds from its timed runs.
 
         The row's `generation_s` is the median of the repeats, and each step's time the median of that
         step over the repeats (a burst of noise in one repeat does not move either); the peak memory is
         the largest of the repeats; `generation_s_spread` = (slowest - fastest) / median."""
-        from lineareval.runner import timed_generation
-
-        if cfg.compile:
-            torch._dynamo.reset()  # each policy compiles afresh in its warm-up (and frees older CUDA graphs)
-        began = time.perf_counter()
-        for _ in range(self.warmup):
-            timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
-        warmup_s = time.perf_counter() - began
-        release_freed_memory()
-        resident = resident_bytes(device)
-        costs, step_times, cpu_seconds = [], [], 0.0
-        for _ in range(self.repeats):
-            timer = StepTimer(generator.layout.num_visual - 1, device)
-            cpu_began = time.process_time()
-            costs.append(timed_generation(WithTimer(generator, timer), policy, budget, conditions, ids, cfg.seed,
-                                          device)[1])
-            cpu_seconds += time.process_time() - cpu_began  # all threads: ~ cores x wall time when none is shared
-            step_times.append(timer.seconds())
-        totals = [cost["generation_s"] for cost in costs]
-        cost = {**costs[totals.index(statistics.median_low(totals))], "generation_s": statistics.median(totals),
-                "peak_memory_bytes": max(cost["peak_memory_bytes"] for cost in costs)}
-        seconds = [statistics.median(times) for times in zip(*step_times)]
-        batch = cfg.batch_size
+        totals = [run.cost["generation_s"] for run in entry.runs]
+        middle = entry.runs[totals.index(statistics.median_low(totals))]
+        peak = max(entry.runs, key=lambda run: run.cost["peak_memory_bytes"])
+        cost = {**middle.cost, "generation_s": statistics.median(totals),
+                "peak_memory_bytes": peak.cost["peak_memory_bytes"]}
+        seconds = [statistics.median(times) for times in zip(*(run.step_seconds for run in entry.runs))]
+        resident, batch = peak.resident, cfg.batch_size
         if device.type == "cuda":  # the peak is absolute there; with CUDA graphs the caches outlive the warm-up
             retained = cost["kv_cache_capacity_bytes"] if cfg.compile and self.warmup else 0
             resident -= retained
@@ -128,11 +191,13 @@ class Efficiency:
         else:
             increase = cost["peak_memory_bytes"]  # already the increase over what the process held
         per_image = max(increase, 1) / batch
-        row = {**cost, "compile": bool(cfg.compile), "warmup_s": warmup_s, "repeats": self.repeats,
+        cpu_seconds = sum(run.cpu_seconds for run in entry.runs)
+        row = {**cost, "compile": bool(cfg.compile), "warmup_s": entry.warmup_s, "repeats": len(entry.runs),
+               "order": "interleaved" if self.interleaved(cfg, device) else "grouped",
                "generation_s_spread": (max(totals) - min(totals)) / cost["generation_s"],
                "process_cpu_s": cpu_seconds, "cores_busy": cpu_seconds / sum(totals),
                "images_per_s": batch / cost["generation_s"],
-               "tokens_per_s": batch * generator.layout.num_visual / cost["generation_s"],
+               "tokens_per_s": batch * num_visual / cost["generation_s"],
                "memory_per_image_bytes": per_image, "resident_bytes": resident,
                "max_batch_at_limit": max(0, math.floor((self.memory_limit_gib * 2**30 - resident) / per_image)),
                "memory_limit_gib": self.memory_limit_gib}
