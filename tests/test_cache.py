@@ -221,6 +221,26 @@ def test_linear_scores_are_inter_line_attention(setup, policy_factory, score_sou
         torch.testing.assert_close(event["scores"][middle], expected[middle], rtol=1e-4, atol=1e-6)
 
 
+def test_linear_line_ends_use_the_shared_causal_mask(setup, policy_factory):
+    """Under the engine's schedule every line end masks with the shared (n, W) causal mask, and it gives
+    exactly the probabilities of the mask built from each slot's position."""
+    model, labels, tokens = setup
+    policy, used = policy_factory("linear"), []
+    original = policy.score
+
+    def score(layer, context):
+        shared, mask = layer.line_probabilities(), layer.step.line_mask
+        used.append(mask is not None and mask.shape == (model.layout.line_len, layer.state.high_water))
+        layer.step.line_mask, layer._line_probs = None, None
+        assert torch.equal(shared, layer.line_probabilities())  # the per-slot path
+        layer.step.line_mask = mask
+        return original(layer, context)
+
+    object.__setattr__(policy, "score", score)
+    run_policy(model, policy, 16, labels, tokens)
+    assert len(used) > 0 and all(used)
+
+
 def test_h2o_scores_are_accumulated_attention(setup, policy_factory):
     model, labels, tokens = setup
     prefix = model.layout.prefix_len
