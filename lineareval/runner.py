@@ -31,7 +31,7 @@ from lineareval.cache import CachePolicy
 from lineareval.config import call_target, resolve_device, resolve_dtype
 from lineareval.keep import check_budget, parse_keep
 from lineareval.loggers import NoLogger
-from lineareval.memory import PeakMemory
+from lineareval.memory import PeakMemory, keep_freed_heap
 from lineareval.record import (METRICS_FILE, RunRecord, environment_info, is_finished, load_record, save_record,
                                write_csv_atomic, write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
 
@@ -52,6 +52,8 @@ def build_policy(cache_cfg: DictConfig) -> CachePolicy:
 
 def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     """The model adapter of `conf/model/<name>.yaml`, with the run's sampling and weights choices."""
+    if device.type == "cpu":
+        keep_freed_heap()  # decode steps' large temporaries reuse heap pages instead of faulting fresh ones
     return call_target(cfg.model, sampling=OmegaConf.to_container(cfg.sampling, resolve=True), weights=cfg.weights,
                        weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype, seed=cfg.seed,
                        compile=cfg.compile)

@@ -94,3 +94,18 @@ def test_cuda_peak_sees_tensor_freed_before_exit():
     assert mem.baseline_bytes >= tensor_bytes(keep)
     assert 256 * MB <= mem.peak_increase_bytes < 300 * MB
     assert mem.peak_bytes == mem.baseline_bytes + mem.peak_increase_bytes
+
+
+def test_keep_freed_heap_sets_glibc_thresholds_or_says_it_cannot(monkeypatch):
+    import ctypes
+
+    from lineareval import memory
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        assert memory.keep_freed_heap() is False
+    else:
+        assert memory.keep_freed_heap() is True
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
+    assert memory.keep_freed_heap() is False
