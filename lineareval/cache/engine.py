@@ -246,7 +246,8 @@ class LayerKV:
         rows = torch.arange(sequences * heads, device=victims.device).view(sequences, heads, 1) * capacity
         rows = (rows + victims).view(-1)  # the victims as rows of the (S * H * C, D) stores
         for store in (self.keys, self.values):  # whole-row copies: about twice as fast as scatter_ on a CPU
-            store.view(-1, dim).index_copy_(0, rows, store[:, :, moved].reshape(-1, dim))
+            source = store[:, :, moved].reshape(-1, dim)  # a copy, unless S = H = 1 makes it a view
+            store.view(-1, dim).index_copy_(0, rows, source.clone() if source._is_view() else source)
         self.positions.scatter_(2, victims, self.positions[:, :, moved].clone())
         if self.received is not None:
             self.received.scatter_(2, victims, self.received[:, :, moved].clone())
