@@ -31,6 +31,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
 from lineareval.benchmarks.samples import Samples
 from lineareval.cache import CachePolicy
@@ -114,21 +115,27 @@ class Efficiency:
                 check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
                              model=cfg.model.name)
                 entries.append(Entry(name, keep.text, budget, policy))
-        measure = partial(self.timed_run, cfg, generator, conditions=conditions, ids=ids, device=device)
-        if self.interleaved(cfg, device):
-            if cfg.compile:
-                torch._dynamo.reset()  # one compile cache for all entries: each warm-up adds its variants
-            for entry in entries:
-                entry.warmup_s = self.warm_up(cfg, generator, entry, conditions, ids, device)
-            for repeat in range(self.repeats):  # each round starts one entry later: no entry always runs first
-                for entry in entries[repeat % len(entries):] + entries[: repeat % len(entries)]:
-                    entry.runs.append(measure(entry))
-        else:
-            for entry in entries:
+        progress = tqdm(total=len(entries) * (self.warmup + self.repeats), desc=f"{cfg.model.name} efficiency",
+                        unit="generation")
+        measure = partial(self.timed_run, cfg, generator, conditions=conditions, ids=ids, device=device,
+                          progress=progress)
+        warm_up = partial(self.warm_up, cfg, generator, conditions=conditions, ids=ids, device=device,
+                          progress=progress)
+        with progress:
+            if self.interleaved(cfg, device):
                 if cfg.compile:
-                    torch._dynamo.reset()  # each policy compiles afresh in its warm-up (and frees older CUDA graphs)
-                entry.warmup_s = self.warm_up(cfg, generator, entry, conditions, ids, device)
-                entry.runs = [measure(entry) for _ in range(self.repeats)]
+                    torch._dynamo.reset()  # one compile cache for all entries: each warm-up adds its variants
+                for entry in entries:
+                    entry.warmup_s = warm_up(entry)
+                for repeat in range(self.repeats):  # each round starts one entry later: none always runs first
+                    for entry in entries[repeat % len(entries):] + entries[: repeat % len(entries)]:
+                        entry.runs.append(measure(entry))
+            else:
+                for entry in entries:
+                    if cfg.compile:
+                        torch._dynamo.reset()  # each policy compiles afresh in its warm-up (frees older CUDA graphs)
+                    entry.warmup_s = warm_up(entry)
+                    entry.runs = [measure(entry) for _ in range(self.repeats)]
         rows, steps = [], []
         for entry in entries:
             row, seconds = self.summarise(entry, cfg, device, layout.num_visual)
@@ -149,19 +156,24 @@ class Efficiency:
             return False
         return self.order == "interleaved"
 
-    def warm_up(self, cfg, generator, entry: Entry, conditions, ids: torch.Tensor, device: torch.device) -> float:
+    def warm_up(self, cfg, generator, entry: Entry, *, conditions, ids: torch.Tensor, device: torch.device,
+                progress: tqdm) -> float:
         """`warmup` untimed generations (with `compile=true` they compile the step); their wall time."""
         from lineareval.runner import timed_generation
 
+        progress.set_postfix_str(f"{entry.name} {entry.keep} warm-up")
         began = time.perf_counter()
         for _ in range(self.warmup):
             timed_generation(generator, entry.policy, entry.budget, conditions, ids, cfg.seed, device)
+            progress.update()
         return time.perf_counter() - began
 
-    def timed_run(self, cfg, generator, entry: Entry, *, conditions, ids: torch.Tensor, device: torch.device) -> Run:
+    def timed_run(self, cfg, generator, entry: Entry, *, conditions, ids: torch.Tensor, device: torch.device,
+                  progress: tqdm) -> Run:
         """One timed generation: its cost, every step's time, the process CPU time and what was resident before."""
         from lineareval.runner import timed_generation
 
+        progress.set_postfix_str(f"{entry.name} {entry.keep}")
         release_freed_memory()
         resident = resident_bytes(device)
         timer = StepTimer(generator.layout.num_visual - 1, device)
@@ -169,6 +181,7 @@ class Efficiency:
         cost = timed_generation(WithTimer(generator, timer), entry.policy, entry.budget, conditions, ids, cfg.seed,
                                 device)[1]
         cpu_seconds = time.process_time() - cpu_began  # all threads: ~ cores x wall time when none is shared
+        progress.update()
         return Run(cost, timer.seconds(), cpu_seconds, resident)
 
     def summarise(self, entry: Entry, cfg, device: torch.device, num_visual: int) -> tuple[dict, list[float]]:
