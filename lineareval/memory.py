@@ -31,8 +31,8 @@ def keep_freed_heap(mmap_threshold_mib: int = 32, trim_threshold_mib: int = 256)
     scores) page-fault on every use: on this project's 2-core machine a (64, 8, 24, 121) fp32 batched
     product followed by a scale took 5.0 ms instead of 1.9 ms. Blocks up to `mmap_threshold_mib`
     then come from the heap, and up to `trim_threshold_mib` of free heap stays mapped.
-    `trim_heap` (glibc `malloc_trim`) still returns it; `PeakMemory` calls it before reading its
-    CPU baseline. Returns False where mallopt is unavailable (not glibc).
+    `release_freed_memory` (glibc `malloc_trim`) still returns it, as the efficiency benchmark does
+    before each timed run. Returns False where mallopt is unavailable (not glibc).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
@@ -41,19 +41,6 @@ def keep_freed_heap(mmap_threshold_mib: int = 32, trim_threshold_mib: int = 256)
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold_mib * 2**20)) and bool(
         mallopt(_M_TRIM_THRESHOLD, trim_threshold_mib * 2**20))
-
-
-def trim_heap() -> None:
-    """Return freed heap pages to the OS (glibc `malloc_trim`), where possible.
-
-    A CPU peak is an RSS increase: pages that earlier work freed but the allocator kept (more of
-    them under `keep_freed_heap`) would be reused silently, and the measured work's allocations
-    would not show. `PeakMemory` trims before it reads its baseline on CPU.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        log.debug("malloc_trim unavailable: CPU peak memory after earlier work may read low")
 
 
 def _rss_bytes() -> int:
@@ -111,7 +98,6 @@ class PeakMemory:
             self.baseline_bytes = torch.cuda.memory_allocated(self.device)
         elif os.path.exists(_STATM):
             self.method = "cpu_rss_poll"
-            trim_heap()  # freed but retained pages would otherwise absorb the work's allocations unseen
             self.baseline_bytes = _rss_bytes()
             self._polled_peak = self.baseline_bytes
             self._stop.clear()

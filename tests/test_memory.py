@@ -109,23 +109,3 @@ def test_keep_freed_heap_sets_glibc_thresholds_or_says_it_cannot(monkeypatch):
         assert memory.keep_freed_heap() is True
     monkeypatch.setattr(ctypes, "CDLL", lambda name: (_ for _ in ()).throw(OSError(name)))
     assert memory.keep_freed_heap() is False
-
-
-def test_cpu_peak_counts_work_that_reuses_freed_heap():
-    """Heap freed by earlier work (kept mapped by keep_freed_heap) must not hide the measured work's memory."""
-    import os
-
-    if not os.path.exists("/proc/self/statm"):
-        pytest.skip("needs /proc")
-    from lineareval.memory import keep_freed_heap
-
-    keep_freed_heap()
-
-    def work():
-        blocks = [torch.ones(5 * 2**20) for _ in range(10)]  # 10 x 20 MiB, under the 32 MiB mmap threshold
-        return sum(block.numel() for block in blocks)
-
-    work()  # earlier work: its 200 MiB are freed but stay mapped
-    with PeakMemory("cpu") as memory:
-        work()
-    assert memory.peak_increase_bytes > 150 * 2**20

@@ -18,6 +18,7 @@ visual token i and feeding it through the model, evictions included).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import math
@@ -36,7 +37,7 @@ from lineareval.benchmarks.samples import Samples
 from lineareval.cache import CachePolicy
 from lineareval.generators.base import StepTimer
 from lineareval.keep import check_budget, parse_keep
-from lineareval.memory import PeakMemory, trim_heap
+from lineareval.memory import PeakMemory
 from lineareval.record import write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -238,9 +239,16 @@ def line_means(seconds: list[float], line_len: int) -> dict:
 
 
 def release_freed_memory() -> None:
-    """Collect garbage and hand freed heap pages back to the OS, so the next CPU peak starts clean."""
+    """Hand freed heap pages back to the OS (glibc `malloc_trim`), where possible.
+
+    On CPU the peak is the RSS increase: pages that an earlier run freed but the allocator kept
+    resident would be reused silently, and the next run's allocations would not show.
+    """
     gc.collect()
-    trim_heap()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        log.debug("malloc_trim unavailable: CPU peak memory of later runs may read low")
 
 
 def resident_bytes(device: torch.device) -> int:
