@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from lineareval.cache.policy import CachePolicy, EvictAt, EvictionContext, ScoreNeed, TokenLayout
+from lineareval.memory import tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ class KVCache:
     # ---- accounting ----------------------------------------------------------------------------
 
     def capacity_bytes(self) -> int:
-        return sum(t.element_size() * t.numel() for layer in self.layers for t in layer.tensors())
+        return tensor_bytes(*(t for layer in self.layers for t in layer.tensors()))
 
     def high_water_bytes(self) -> int:
         """Bytes of the slots ever in use at once (keys, values, positions, masks; all layers)."""

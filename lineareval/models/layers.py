@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lineareval.cache import KVCache, LayerKV
+from lineareval.memory import tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def pack_linears(module: nn.Module, rows: int) -> int:
         packable.append(linear)
         if linear.packed is None or (linear.packed.rows, linear.packed.source) != (rows, _source(linear.weight)):
             stale.append(linear)
-    missing = sum(linear.weight.numel() * linear.weight.element_size() for linear in stale)
+    missing = tensor_bytes(*(linear.weight for linear in stale))
     if missing > available_memory() // 2:
         if not getattr(module, "_packing_refused", False):  # once, not at every batch's new cache
             log.warning("not packing %.2f GB of decode weights (%.2f GB of memory available): plain products",
@@ -130,7 +131,7 @@ def pack_linears(module: nn.Module, rows: int) -> int:
         with torch.no_grad():
             packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
         linear.packed = PackedWeight(rows, packed, _source(linear.weight))
-    return sum(linear.weight.numel() * linear.weight.element_size() for linear in packable)
+    return tensor_bytes(*(linear.weight for linear in packable))
 
 
 def unpack_linears(module: nn.Module) -> None:
