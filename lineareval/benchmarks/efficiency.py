@@ -121,8 +121,9 @@ class Efficiency:
                           progress=progress)
         warm_up = partial(self.warm_up, cfg, generator, conditions=conditions, ids=ids, device=device,
                           progress=progress)
+        interleaved = self.interleaved(cfg, device)
         with progress:
-            if self.interleaved(cfg, device):
+            if interleaved:
                 if cfg.compile:
                     torch._dynamo.reset()  # one compile cache for all entries: each warm-up adds its variants
                 for entry in entries:
@@ -139,6 +140,7 @@ class Efficiency:
         rows, steps = [], []
         for entry in entries:
             row, seconds = self.summarise(entry, cfg, device, layout.num_visual)
+            row["order"] = "interleaved" if interleaved else "grouped"
             log.info("%s keep=%s: %.2f s (warm-up %.1f s), peak %.2f GB", entry.name, entry.keep, row["generation_s"],
                      row["warmup_s"], row["peak_memory_bytes"] / 1e9)
             label = {"model": cfg.model.name, "cache": entry.name, "keep": entry.keep, "batch_size": cfg.batch_size}
@@ -206,7 +208,6 @@ class Efficiency:
         per_image = max(increase, 1) / batch
         cpu_seconds = sum(run.cpu_seconds for run in entry.runs)
         row = {**cost, "compile": bool(cfg.compile), "warmup_s": entry.warmup_s, "repeats": len(entry.runs),
-               "order": "interleaved" if self.interleaved(cfg, device) else "grouped",
                "generation_s_spread": (max(totals) - min(totals)) / cost["generation_s"],
                "process_cpu_s": cpu_seconds, "cores_busy": cpu_seconds / sum(totals),
                "images_per_s": batch / cost["generation_s"],
