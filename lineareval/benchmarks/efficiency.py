@@ -18,7 +18,6 @@ visual token i and feeding it through the model, evictions included).
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import math
@@ -37,7 +36,7 @@ from lineareval.benchmarks.samples import Samples
 from lineareval.cache import CachePolicy
 from lineareval.generators.base import StepTimer
 from lineareval.keep import check_budget, parse_keep
-from lineareval.memory import PeakMemory
+from lineareval.memory import PeakMemory, trim_heap
 from lineareval.record import write_csv_atomic
 
 log = logging.getLogger(__name__)
@@ -246,10 +245,7 @@ def release_freed_memory() -> None:
     resident would be reused silently, and the next run's allocations would not show.
     """
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        log.debug("malloc_trim unavailable: CPU peak memory of later runs may read low")
+    trim_heap()
 
 
 def resident_bytes(device: torch.device) -> int:
