@@ -56,6 +56,7 @@ class CacheState:
     slot: int = 0  # the slot this step writes (also in `StepInputs.slot`, which compiled steps read)
     masked: bool = False  # ... and needs the occupancy mask (free or padding slots below width)
     width_multiple: int = 1  # round width up to a multiple (CUDA graphs: few distinct shapes)
+    always_masked: bool = False  # attend with the occupancy mask at every step (bucketed widths: one graph)
     peak_occupancy: int = 0
     evictions: int = 0
 
@@ -120,12 +121,17 @@ def lowest_scores(keep_scores: torch.Tensor, positions: torch.Tensor, valid: tor
 
 
 class LayerKV:
-    """One layer's store. Tensors: keys/values (S, H, C, D), positions/valid (S, H, C)."""
+    """One layer's store. Tensors: keys/values (S, H, C + spare, D), positions/valid (S, H, C + spare).
+
+    `spare` slots past the capacity are never written nor attended. A compiled step allocates one: the
+    attended slice [0, width) is then never the whole store, whose contiguity the compiler would
+    otherwise specialise on (width == C: a second graph, compiled again for the last steps).
+    """
 
     def __init__(self, state: CacheState, step: StepInputs, layout: TokenLayout, needs: ScoreNeed, *,
-                 sequences: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device):
+                 sequences: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, spare: int = 0):
         self.state, self.step, self.layout, self.needs = state, step, layout, needs
-        shape = (sequences, heads, state.capacity)
+        shape = (sequences, heads, state.capacity + spare)
         self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.positions = torch.full(shape, -1, dtype=torch.long, device=device)
@@ -269,13 +275,15 @@ class KVCache:
     """Per-layer stores plus the policy's schedule. Models call `layers[i].append/attend` inside a step."""
 
     def __init__(self, policy: CachePolicy, layout: TokenLayout, budget: int, *, num_layers: int, sequences: int,
-                 heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str):
+                 heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str, spare_slot: bool = False):
+        """`spare_slot`: one never-used slot past the capacity per layer, for compiled steps (see LayerKV)."""
         self.policy, self.layout, self.budget = policy, layout, budget
         self.device = torch.device(device)
         self.state = CacheState(capacity=policy.capacity(layout, budget))
         self.step = StepInputs(self.device)
         self.layers = [LayerKV(self.state, self.step, layout, policy.needs_scores, sequences=sequences, heads=heads,
-                               head_dim=head_dim, dtype=dtype, device=self.device) for _ in range(num_layers)]
+                               head_dim=head_dim, dtype=dtype, device=self.device, spare=int(spare_slot))
+                       for _ in range(num_layers)]
         self.table = SlotTable(self.state)
 
     # ---- schedule ------------------------------------------------------------------------------
@@ -302,7 +310,7 @@ class KVCache:
         state.peak_occupancy = max(state.peak_occupancy, state.occupancy)
         multiple = state.width_multiple
         state.width = min(state.capacity, -(-state.high_water // multiple) * multiple)
-        state.masked = state.padded or state.has_holes or state.width > state.high_water
+        state.masked = state.always_masked or state.padded or state.has_holes or state.width > state.high_water
         self.step.position.fill_(position)
         if self.policy.needs_scores is ScoreNeed.LINE_END:
             self.step.line_slot.fill_(visual_index % self.layout.line_len)
@@ -371,7 +379,8 @@ class KVCache:
     def reset(self, policy: CachePolicy) -> None:
         """Empty the cache for a new generation under an equal `policy`, keeping every store in place."""
         self.policy = policy
-        vars(self.state).update(vars(CacheState(self.state.capacity, width_multiple=self.state.width_multiple)))
+        vars(self.state).update(vars(CacheState(self.state.capacity, width_multiple=self.state.width_multiple,
+                                                always_masked=self.state.always_masked)))
         for layer in self.layers:
             layer.valid.zero_()
             layer.positions.fill_(-1)
@@ -380,8 +389,13 @@ class KVCache:
             layer._line_probs = None
 
     def prepare_for_cuda_graphs(self, width_multiple: int = 64) -> None:
-        """Mark the stores static (CUDA graphs keep their addresses) and bucket the attention width."""
+        """Mark the stores static (CUDA graphs keep their addresses) and bucket the attention width.
+
+        With bucketed widths most steps attend past the high-water mark and need the occupancy mask;
+        masking every step keeps one graph per cache, instead of a second one compiled for the few
+        steps whose high-water mark falls on a bucket boundary."""
         self.state.width_multiple = width_multiple
+        self.state.always_masked = True
         for tensor in [self.step.position, self.step.slot, self.step.line_slot, self.step.released,
                        *(t for layer in self.layers for t in layer.tensors())]:
             torch._dynamo.mark_static_address(tensor, guard=False)

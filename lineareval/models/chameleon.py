@@ -134,9 +134,10 @@ class ChameleonLM(nn.Module):
     def new_cache(self, policy, budget: int, sequences: int, layout: TokenLayout) -> KVCache:
         weight = self.lm_head.weight
         return self.decoding.new_cache(
-            lambda: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers, sequences=sequences,
-                            heads=self.config.num_attention_heads, head_dim=self.config.head_dim, dtype=weight.dtype,
-                            device=weight.device),
+            lambda **options: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers,
+                                      sequences=sequences, heads=self.config.num_attention_heads,
+                                      head_dim=self.config.head_dim, dtype=weight.dtype, device=weight.device,
+                                      **options),
             policy, (repr(policy), budget, sequences, layout), sequences)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -278,7 +278,9 @@ class DecodeStep:
     cache is preallocated and what changes per step is either a preallocated tensor or a host number
     the compiler specialises on (a few booleans) or treats as a dynamic size (the attention width).
     On GPU the attention width is bucketed to multiples of 64 slots, so CUDA graphs are recorded for
-    a handful of widths, and the stores are marked static so that graphs never copy them.
+    a handful of widths, every step attends with the occupancy mask, and the stores are marked static
+    so that graphs never copy them. The step compiles to one graph per occupancy-mask state (at most
+    two; tests/test_compile_readiness.py proves the bound and the absence of host synchronisation).
     Compilation happens on the first steps of the first generation (a warm-up, excluded from timing).
 
     On a CPU (fp32, MKL) every new cache also packs `module`'s `Linear` weights for products of as
@@ -286,24 +288,28 @@ class DecodeStep:
     weights in memory, for about 20% faster decode products.
     """
 
-    RECOMPILE_LIMIT = 64  # per policy: a few boolean variants x static/dynamic width; several policies a process
+    RECOMPILE_LIMIT = 64  # a graph per mask state (tests/test_compile_readiness.py) x the policies of a process
 
     def __init__(self, step, module: nn.Module):
         self.step, self.module = step, module
         self.compiled = False
         self.cuda_graphs = False
+        self.width_multiple = 64  # CUDA graphs: attention widths bucketed to multiples of this many slots
         self._caches: dict[tuple, KVCache] = {}  # CUDA graphs: caches kept for the next generation
 
-    def compile(self, device: torch.device | str) -> None:
+    def compile(self, device: torch.device | str, backend="inductor") -> None:
+        """torch.compile the step: one graph (`fullgraph=True`: a graph break is an error), sizes symbolic from
+        the start. `backend` is torch.compile's (tests record graphs instead of compiling them)."""
         self.cuda_graphs = torch.device(device).type == "cuda"
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, self.RECOMPILE_LIMIT)
-        self.step = torch.compile(self.step, mode="reduce-overhead" if self.cuda_graphs else None, fullgraph=True,
-                                  dynamic=True)  # sizes symbolic from the start: one compile per variant
+        mode = "reduce-overhead" if self.cuda_graphs and backend == "inductor" else None
+        self.step = torch.compile(self.step, backend=backend, mode=mode, fullgraph=True, dynamic=True)
         self.compiled = True
 
     def new_cache(self, build, policy, key: tuple, sequences: int) -> KVCache:
-        """`build()` for `sequences` rows; with CUDA graphs, a kept cache, emptied, when `key` (what shapes it) matches.
+        """`build(**options)` for `sequences` rows; with CUDA graphs, a kept cache, emptied, when `key` (what shapes it)
+        matches. A compiled step's cache gets a spare slot (`KVCache(spare_slot=True)`: one graph for every width).
 
         CUDA graphs bake in the stores' addresses: reusing the stores lets the next generation replay
         the recorded graphs instead of re-recording them. `key[:2]` is (policy, budget); caches of
@@ -312,15 +318,15 @@ class DecodeStep:
         """
         if not self.cuda_graphs:
             pack_linears(self.module, sequences)  # CPU fp32 only; elsewhere nothing to pack
-            return build()
+            return build(spare_slot=self.compiled)
         if key in self._caches:
             cache = self._caches[key]
             cache.reset(policy)
             return cache
         for held in [held for held in self._caches if held[:2] != key[:2]] + list(self._caches)[:-1]:
             self._caches.pop(held, None)  # release before allocating
-        cache = self._caches[key] = build()
-        cache.prepare_for_cuda_graphs()
+        cache = self._caches[key] = build(spare_slot=self.compiled)
+        cache.prepare_for_cuda_graphs(self.width_multiple)
         return cache
 
     def __call__(self, *args):

@@ -122,7 +122,8 @@ class LlamaDecoder(nn.Module):
     def new_cache(self, policy, budget: int, sequences: int, layout) -> KVCache:
         weight = self.embed_tokens.weight
         return self.decoding.new_cache(
-            lambda: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers, sequences=sequences,
-                            heads=self.config.num_attention_heads, head_dim=self.config.head_dim, dtype=weight.dtype,
-                            device=weight.device),
+            lambda **options: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers,
+                                      sequences=sequences, heads=self.config.num_attention_heads,
+                                      head_dim=self.config.head_dim, dtype=weight.dtype, device=weight.device,
+                                      **options),
             policy, (repr(policy), budget, sequences, layout), sequences)

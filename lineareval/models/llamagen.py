@@ -191,8 +191,9 @@ class LlamaGen(nn.Module):
     def new_cache(self, policy, budget: int, sequences: int) -> KVCache:
         dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
         return self.decoding.new_cache(
-            lambda: KVCache(policy, self.layout, budget, num_layers=self.config.n_layer, sequences=sequences,
-                            heads=self.config.n_head, head_dim=self.config.head_dim, dtype=dtype, device=device),
+            lambda **options: KVCache(policy, self.layout, budget, num_layers=self.config.n_layer, sequences=sequences,
+                                      heads=self.config.n_head, head_dim=self.config.head_dim, dtype=dtype,
+                                      device=device, **options),
             policy, (repr(policy), budget, sequences), sequences)
 
     def compile_decode(self) -> None:
@@ -232,7 +233,7 @@ class LlamaGen(nn.Module):
 
     def _decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Embedding, every layer's cache write and attention, logits: static shapes. (S,) -> (S, V)."""
-        rope = self.rope[cache.step.position][None]  # (1, D/2, 2)
+        rope = self.rope.index_select(0, cache.step.position.view(1))  # (1, D/2, 2); no host read of the index
         h = self.tok_embeddings(tokens)[:, None]  # (S, 1, dim)
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer.step(h, rope, layer_cache)
