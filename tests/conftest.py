@@ -41,6 +41,36 @@ def policy_factory(make_config):
     return lambda name, *overrides: build_policy(make_config(f"cache={name}", *overrides).cache)
 
 
+def roundoff_tolerance(reference: torch.Tensor, depth: int) -> dict:
+    """`assert_close` tolerances for two evaluations of one floating-point computation that differ only in
+    the order of their sums (another kernel, library, compiler or CPU: MKL picks other kernels on AMD).
+
+    Each evaluation lies within depth * u * M of the exact result: Higham's worst-case bound for a sum
+    of n terms is n * u times the terms' magnitude (u = eps / 2, the unit roundoff of the dtype),
+    and chained products add their reduction lengths (`depth`, see `decoder_depth`); M is the largest
+    magnitude of the result. The two evaluations are then at most twice that apart. rtol is 0: a
+    near-zero result still carries the absolute error of its large terms. The bound is worst-case
+    (errors of random sign grow like sqrt(depth)), so it holds on any IEEE machine, and it stays far
+    below the differences a wrong computation makes (a stale weight, a token that should be masked).
+    """
+    unit_roundoff = torch.finfo(reference.dtype).eps / 2
+    return {"rtol": 0.0, "atol": 2 * depth * unit_roundoff * float(reference.abs().max())}
+
+
+def decoder_depth(layers: int, dim: int, ffn: int, head_dim: int, width: int, head_input: int | None = None) -> int:
+    """Reduction lengths chained from the input to the logits of a Llama-style decoder: per layer the q/k/v,
+    output and gate/up projections (dim each), q.k (head_dim), the attention-weighted sum (width keys)
+    and the down projection (ffn); then the output head (`head_input`, default dim)."""
+    return layers * (3 * dim + head_dim + width + ffn) + (head_input or dim)
+
+
+def llamagen_depth(model: LlamaGen) -> int:
+    """`decoder_depth` of a LlamaGen GPT attending over its whole sequence."""
+    config = model.config
+    return decoder_depth(config.n_layer, config.dim, config.ffn_hidden, config.head_dim,
+                         config.cls_token_num + model.layout.num_visual)
+
+
 def tiny_llamagen(grid: int = 8, layers: int = 2, heads: int = 4, dim: int = 64, vocab: int = 256,
                   seed: int = 0, std: float = 0.2) -> LlamaGen:
     """A random LlamaGen with a grid x grid layout; large init std so attention is far from uniform."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from conftest import CACHE_CONFIGS, tiny_llamagen
+from conftest import CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.cache import CachePolicy, EvictAt
 from lineareval.keep import parse_keep
 
@@ -91,7 +91,20 @@ def attention_probabilities(model, labels, tokens, masks) -> list[torch.Tensor]:
         q, k, _ = attention.project(x, rope)
         logits = (q @ k.transpose(-1, -2)) / attention.head_dim**0.5
         probabilities.append(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1))
+        probabilities[-1].max_logit = float(logits.masked_fill(~mask, 0).abs().max())
     return probabilities
+
+
+def score_tolerance(model, layer: int, probabilities: torch.Tensor) -> dict:
+    """Tolerances for attention probabilities of `layer` (and their means and sums over queries) computed
+    two ways. A logit error e moves a probability p by about p * e, so the bound is relative: e is the
+    round-off of the logits (`roundoff_tolerance` over the layers below, the q/k projection, q.k, the
+    softmax's sum over the keys and a sum over up to N queries), at the largest logit's magnitude."""
+    config = model.config
+    width = config.cls_token_num + model.layout.num_visual
+    depth = layer * (llamagen_depth(model) - config.dim) // config.n_layer + config.dim + config.head_dim + 2 * width
+    logit_error = roundoff_tolerance(torch.tensor([probabilities.max_logit]), depth)["atol"]
+    return {"rtol": logit_error, "atol": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -117,12 +130,13 @@ def test_policy_equals_full_cache_with_evicted_tokens_masked(setup, policy_facto
     policy = policy_factory(name)
     trace = run_policy(model, policy, budget, labels, tokens)
     oracle = model(labels, tokens[:, :-1], oracle_masks(trace, layout.prefix_len))
-    torch.testing.assert_close(trace.logits, oracle, rtol=1e-4, atol=1e-4)
+    tolerance = roundoff_tolerance(oracle, llamagen_depth(model))
+    torch.testing.assert_close(trace.logits, oracle, **tolerance)
     unmasked = model(labels, tokens[:, :-1])
     if policy.evicts_at is EvictAt.NEVER:
-        torch.testing.assert_close(trace.logits, unmasked, rtol=1e-4, atol=1e-4)
-    else:  # the comparison is not vacuous: eviction changed the logits
-        assert (trace.logits - unmasked).abs().max() > 1e-2
+        torch.testing.assert_close(trace.logits, unmasked, **tolerance)
+    else:  # the comparison is not vacuous: eviction changed the logits far beyond round-off
+        assert (trace.logits - unmasked).abs().max() > 10 * tolerance["atol"]
 
 
 @pytest.mark.parametrize("name, keep", list(cases()))
@@ -218,7 +232,8 @@ def test_linear_scores_are_inter_line_attention(setup, policy_factory, score_sou
         first_recent = prefix + step + 1 - n
         middle = event["valid"] & (positions >= prefix + n) & (positions < first_recent)
         assert middle.any()
-        torch.testing.assert_close(event["scores"][middle], expected[middle], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(event["scores"][middle], expected[middle],
+                                   **score_tolerance(model, layer, probabilities[layer]))
 
 
 def test_linear_line_ends_use_the_shared_causal_mask(setup, policy_factory):
@@ -253,7 +268,7 @@ def test_h2o_scores_are_accumulated_attention(setup, policy_factory):
         positions = event["positions"].clamp(min=0)
         visual = event["valid"] & (positions >= prefix) & torch.isfinite(event["scores"])
         torch.testing.assert_close(event["scores"][visual], torch.gather(received, 2, positions)[visual],
-                                   rtol=1e-4, atol=1e-6)
+                                   **score_tolerance(model, layer, probabilities[layer]))
 
 
 def test_selection_is_independent_per_sequence_and_head(setup, policy_factory):

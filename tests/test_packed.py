@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_llamagen
+from conftest import llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.models import layers
 from lineareval.models.layers import Linear, pack_linears, unpack_linears
 
@@ -23,7 +23,8 @@ def test_packed_product_equals_the_plain_one_and_falls_back_for_other_row_counts
               torch.randn(1, 48, 6).transpose(1, 2)):  # (1, 6, 48), not contiguous
         out = linear(x)
         assert out.shape == (*x.shape[:-1], 80)
-        torch.testing.assert_close(out, plain(x, linear.weight, linear.bias), rtol=1e-6, atol=1e-6)
+        expected = plain(x, linear.weight, linear.bias)
+        torch.testing.assert_close(out, expected, **roundoff_tolerance(expected, linear.in_features))
 
 
 def test_products_that_need_a_gradient_use_the_plain_product():
@@ -72,13 +73,19 @@ def test_no_packing_when_a_second_copy_would_crowd_memory(monkeypatch, caplog):
     assert pack_linears(model, rows=8) == weights and packed_linears(model)
 
 
-def generate_logits(model, policy, budget: int, labels: torch.Tensor) -> torch.Tensor:
-    """Greedy decoding; the logits of every step (S, N, V)."""
+def generate_logits(model, policy, budget: int, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced decoding of `tokens` (B, N); the logits of every step (S, N, V). The same tokens for
+    both runs compared: a near tie would flip a greedy token and make the runs diverge on some CPUs."""
     cache = model.new_cache(policy, budget, len(labels))
     logits = [model.prefill(labels, cache)]
     for index in range(model.layout.num_visual - 1):
-        logits.append(model.decode(logits[-1].argmax(-1), index, cache))
+        logits.append(model.decode(tokens[:, index], index, cache))
     return torch.stack(logits, dim=1)
+
+
+def random_tokens(model, rows: int) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (rows, model.layout.num_visual),
+                         generator=torch.Generator().manual_seed(5))
 
 
 @pytest.mark.parametrize("name, budget", [("full", 64), ("linear", 16), ("h2o", 16)])
@@ -86,24 +93,26 @@ def generate_logits(model, policy, budget: int, labels: torch.Tensor) -> torch.T
 def test_decoding_with_packed_weights_equals_plain_products(policy_factory, monkeypatch, name, budget):
     model = tiny_llamagen(grid=8)
     labels = torch.tensor([1, 2, 3])
-    packed = generate_logits(model, policy_factory(name), budget, labels)
+    tokens = random_tokens(model, 3)
+    packed = generate_logits(model, policy_factory(name), budget, labels, tokens)
     assert len(packed_linears(model)) == 2 * 5 + 1  # wqkv, wo, w1, w2, w3 per layer and the head
     monkeypatch.setattr(layers, "can_pack", lambda weight: False)
-    plain = generate_logits(model, policy_factory(name), budget, labels)
+    plain = generate_logits(model, policy_factory(name), budget, labels, tokens)
     assert not packed_linears(model)
-    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
-    assert torch.equal(packed.argmax(-1), plain.argmax(-1))
+    torch.testing.assert_close(packed, plain, **roundoff_tolerance(plain, llamagen_depth(model)))
 
 
 @torch.inference_mode()
 def test_compiled_decode_step_uses_the_packed_weights(policy_factory):
     labels = torch.tensor([1, 2])
-    reference = generate_logits(tiny_llamagen(grid=4, layers=1), policy_factory("linear"), 8, labels)
+    eager = tiny_llamagen(grid=4, layers=1)
+    tokens = random_tokens(eager, 2)
+    reference = generate_logits(eager, policy_factory("linear"), 8, labels, tokens)
     compiled = tiny_llamagen(grid=4, layers=1)
     compiled.compile_decode()
     with torch.profiler.profile() as profile:
-        out = generate_logits(compiled, policy_factory("linear"), 8, labels)
+        out = generate_logits(compiled, policy_factory("linear"), 8, labels, tokens)
     calls = {event.key: event.count for event in profile.key_averages()}
     steps = compiled.layout.num_visual - 1
     assert calls.get("lineareval::packed_linear", 0) >= 6 * steps  # wqkv, wo, w1, w2, w3, head: every step
-    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, reference, **roundoff_tolerance(reference, llamagen_depth(eager)))
