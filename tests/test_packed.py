@@ -116,3 +116,21 @@ def test_compiled_decode_step_uses_the_packed_weights(policy_factory):
     steps = compiled.layout.num_visual - 1
     assert calls.get("lineareval::packed_linear", 0) >= 6 * steps  # wqkv, wo, w1, w2, w3, head: every step
     torch.testing.assert_close(out, reference, **roundoff_tolerance(reference, llamagen_depth(eager)))
+
+
+@torch.inference_mode()
+def test_each_fp32_evaluation_lies_within_half_the_roundoff_tolerance_of_float64(policy_factory, monkeypatch):
+    """The tolerance's premise, checked against (nearly) exact float64 logits of the same tokens: each fp32
+    evaluation, packed or plain, is within depth * u * max|logits| of them, so two are within twice that.
+    (On this project's Intel VM an fp32 evaluation was 1.25e-5 away from float64 at max|logits| 8.2: the
+    former fixed atol of 1e-5 sat below one evaluation's own round-off.)"""
+    model = tiny_llamagen(grid=8)
+    labels, tokens = torch.tensor([1, 2, 3]), random_tokens(model, 3)
+    exact = tiny_llamagen(grid=8).double()(labels, tokens[:, :-1])
+    packed = generate_logits(model, policy_factory("full"), 64, labels, tokens)
+    monkeypatch.setattr(layers, "can_pack", lambda weight: False)
+    plain = generate_logits(model, policy_factory("full"), 64, labels, tokens)
+    bound = roundoff_tolerance(plain, llamagen_depth(model))["atol"] / 2
+    for logits in (packed, plain):
+        error = (logits.double() - exact).abs().max().item()
+        assert 0 < error <= bound, (error, bound)
