@@ -37,7 +37,7 @@ from lineareval.record import (METRICS_FILE, RunRecord, environment_info, is_fin
 
 log = logging.getLogger(__name__)
 
-IGNORED_ON_RESUME = ("force", "grid_images", "stage")
+IGNORED_ON_RESUME = ("force", "grid_images", "stage", "compile_backend")
 STAGES = ("generate", "evaluate", "all")
 
 
@@ -56,7 +56,7 @@ def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
         keep_freed_heap()  # decode steps' large temporaries reuse heap pages instead of faulting fresh ones
     return call_target(cfg.model, sampling=OmegaConf.to_container(cfg.sampling, resolve=True), weights=cfg.weights,
                        weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype, seed=cfg.seed,
-                       compile=cfg.compile)
+                       compile=cfg.compile, compile_backend=cfg.compile_backend)
 
 
 def _changed_keys(stored: dict, resolved: dict) -> list[str]:
@@ -96,6 +96,7 @@ def timed_generation(generator, policy: CachePolicy, budget: int, conditions, sa
         _synchronize(device)
         seconds = time.perf_counter() - began
     return generation.tokens, {"generation_s": seconds, "kv_cache_capacity_bytes": generation.capacity_bytes(),
+                    "prefix_len": max(cache.layout.prefix_len for cache in generation.caches),
                     "kv_cache_high_water_bytes": generation.high_water_bytes(),
                     "peak_memory_bytes": memory.peak_bytes if device.type == "cuda" else memory.peak_increase_bytes,
                     "peak_memory_method": memory.method}

@@ -9,8 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
+from omegaconf import OmegaConf
+
 from conftest import CACHE_CONFIGS
+from lineareval.cache import TokenLayout
 from lineareval.runner import run
+from test_compile_readiness import TINY as TINY_TEXT
 
 
 def test_efficiency_table_has_every_policy_and_ratios(make_config):
@@ -130,54 +134,90 @@ def test_compiled_runs_on_cuda_are_grouped_and_orders_are_checked():
         Efficiency(order="random")
 
 
-def test_roofline_counts_the_model_and_the_engine_widths(policy_factory):
-    """Per-step work: the matmul FLOPs and weight bytes of the real module, the widths the engine attends."""
+def roofline_module():
     import sys
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import roofline
+
+    return roofline
+
+
+TINY_LLAMAGEN = {"_target_": "lineareval.generators.llamagen.build_generator", "dim": 64, "n_layer": 2, "n_head": 4,
+                 "vocab_size": 256, "num_classes": 10, "image_size": 128, "downsample_size": 16}
+
+
+def test_roofline_counts_the_model_and_the_engine_widths(policy_factory):
+    """Per-step work: the matmul FLOPs and weight bytes of the real module, the widths the engine attends."""
     from conftest import tiny_llamagen
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from roofline import attended_widths, step_work
-
+    roofline = roofline_module()
     model = tiny_llamagen(grid=8)
     config, layout = model.config, model.layout
+    shape = roofline.decode_shape(TINY_LLAMAGEN, prefix_len=1, guided=True)
+    assert shape.layout == layout and (shape.layers, shape.heads, shape.head_dim) == (2, 4, 16)
     matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and "embed" not in name
                    and "cls_embedding" not in name)
     norms = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 1)
-    work = step_work(config, sequences=4, element=4, width=0, masked=False, needs=policy_factory("full").needs_scores,
-                     line_end=False)
+    full = policy_factory("full").needs_scores
+    work = roofline.step_work(shape, sequences=4, element=4, width=0, masked=False, needs=full, line_end=False)
     assert work.flops == 2 * 4 * matrices
     logits = 2 * 4 * 4 * config.vocab_size
     assert work.bytes == 4 * (matrices + norms + 4 * config.dim) + config.n_layer * 2 * 4 * 4 * 16 * 4 + logits
-    wider = step_work(config, 4, 4, 10, False, policy_factory("full").needs_scores, False)
+    wider = roofline.step_work(shape, 4, 4, 10, False, full, False)
     assert wider.flops - work.flops == config.n_layer * 4 * 4 * config.n_head * 10 * config.head_dim
-    full = attended_widths(policy_factory("full"), layout, 64)
+    full = roofline.attended_widths(policy_factory("full"), layout, 64)
     assert [width for width, _, _ in full] == [1 + index + 1 for index in range(63)]
-    window = attended_widths(policy_factory("window"), layout, 16)
+    window = roofline.attended_widths(policy_factory("window"), layout, 16)
     assert [width for width, _, _ in window] == [1 + min(index + 1, 17) for index in range(63)]
     assert not any(masked for _, masked, _ in full + window)
-    linear = attended_widths(policy_factory("linear"), layout, 16)  # capacity 1 + 16 + 8: grows within each line
+    linear = roofline.attended_widths(policy_factory("linear"), layout, 16)  # capacity 1 + 16 + 8: grows by line
     assert max(width for width, _, _ in linear) == 25 and [width for width, _, _ in linear][24:32] == list(range(18, 26))
+
+
+def test_roofline_counts_janus_and_lumina_from_their_modules(make_config):
+    """Janus: the language model plus the image aligner and head, one pass; Lumina: two passes with CFG."""
+    from lineareval.runner import build_generator
+
+    roofline = roofline_module()
+    for family, overrides, passes in (("janus", TINY_TEXT["janus"], 1), ("lumina", TINY_TEXT["lumina"], 2)):
+        cfg = make_config(*overrides, "weights=random", "decode_images=false")
+        generator = build_generator(cfg, torch.device("cpu"), torch.float32)
+        model = OmegaConf.to_container(cfg.model, resolve=True)
+        shape = roofline.decode_shape(model, prefix_len=7, guided=True)
+        network = generator.network
+        decoder = network.language_model if family == "janus" else network.model
+        heads = [network.generation_aligner, network.generation_head] if family == "janus" else [network.lm_head]
+        matrices = sum(m.weight.numel() for root in [decoder.layers, *heads] for m in root.modules()
+                       if isinstance(m, torch.nn.Linear))
+        assert shape.linear_params == matrices and shape.passes == passes, family
+        assert shape.layout == TokenLayout(7, generator.layout.rows, generator.layout.line_len)
+        assert shape.vocab == (network.generation_head.vision_head.out_features if family == "janus"
+                               else network.lm_head.out_features)
 
 
 def test_roofline_bounds_order_and_the_measured_products_are_the_models():
     """Overlapped <= serial bound; the floor adds the cache traffic to the measured products."""
-    import sys
-
-    from conftest import tiny_llamagen
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from roofline import StepWork, step_products
-
-    work = StepWork(product_flops=10, weight_bytes=4, attention_flops=2, cache_bytes=6, logits_bytes=1)
+    roofline = roofline_module()
+    work = roofline.StepWork(product_flops=10, weight_bytes=4, attention_flops=2, cache_bytes=6, logits_bytes=1)
     assert (work.flops, work.bytes) == (12, 11)
     assert work.bound(1, 1) == 12  # everything overlapped
     assert work.serial_bound(1, 1) == 10 + 6 + 1  # products compute-bound, attention memory-bound, then logits
     assert work.floor(3, 1) == 3 + 7
-    config = tiny_llamagen(grid=4, layers=3).config
-    run = step_products(config, rows=4, device=torch.device("cpu"), dtype=torch.float32)
+    shape = roofline.decode_shape({**TINY_LLAMAGEN, "n_layer": 3, "image_size": 64}, prefix_len=1, guided=True)
+    run = roofline.step_products(shape, rows=4, device=torch.device("cpu"), dtype=torch.float32)
     with torch.profiler.profile() as profile:
         run()
     calls = sum(event.count for event in profile.key_averages()
                 if event.key in ("mkl::_mkl_linear", "aten::mm", "aten::addmm"))
-    assert calls == 5 * config.n_layer + 1  # wqkv, wo, w1, w3, w2 per layer and the head
+    assert calls == 5 * 3 + 1  # wqkv, wo, w1, w3, w2 per layer and the head
+
+
+def test_explicit_rows_replace_the_policy_keep_grid(make_config):
+    cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=2", "model.image_size=128",
+                      "benchmark.warmup=0", "benchmark.rows=[full,linear@1/4,linear@1/2,window@1/2]")
+    record = run(cfg)
+    assert [(row["cache"], row["keep"]) for row in record["rows"]] == [
+        ("full", "1"), ("linear", "1/4"), ("linear", "1/2"), ("window", "1/2")]
+    with pytest.raises(ValueError, match="window@1/6"):
+        run(make_config("benchmark=efficiency", "weights=random", "benchmark.rows=[full,window]", "force=true"))

@@ -84,6 +84,8 @@ class Efficiency:
     order: str = "interleaved"
     prompt: str = DEFAULT_PROMPT
     memory_limit_gib: float = 16.0  # for `max_batch_at_limit`
+    # explicit rows instead of policies x keeps: "full", "linear@1/6", "window@1/6", ... (the GPU report's table)
+    rows: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -103,17 +105,16 @@ class Efficiency:
                              "add prompts or images_per_prompt")
         ids, conditions = samples.batch(0, cfg.batch_size, device)
         layout, entries = generator.layout, []
-        for name in self.policies:  # every entry is checked before anything runs
+        for name, text in self.entry_specs():  # every entry is checked before anything runs
             path = CONF_DIR / "cache" / f"{name}.yaml"
             if not path.exists():
                 raise FileNotFoundError(f"benchmark.policies names {name!r} but {path} does not exist")
             policy = build_policy(OmegaConf.load(path))
-            for text in (["1"] if name == "full" else self.keeps):
-                keep = parse_keep(text)
-                budget = keep.budget(layout.num_visual)
-                check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
-                             model=cfg.model.name)
-                entries.append(Entry(name, keep.text, budget, policy))
+            keep = parse_keep(text)
+            budget = keep.budget(layout.num_visual)
+            check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
+                         model=cfg.model.name)
+            entries.append(Entry(name, keep.text, budget, policy))
         progress = tqdm(total=len(entries) * (self.warmup + self.repeats), desc=f"{cfg.model.name} efficiency",
                         unit="generation")
         measure = partial(self.timed_run, cfg, generator, conditions=conditions, ids=ids, device=device,
@@ -148,6 +149,18 @@ class Efficiency:
             steps += [{**label, "step": step, "seconds": value} for step, value in enumerate(seconds)]
         write_csv_atomic(Path(cfg.run_dir) / STEP_FILE, pd.DataFrame(steps, columns=STEP_COLUMNS))
         return add_ratios(rows)
+
+    def entry_specs(self) -> list[tuple[str, str]]:
+        """(policy, keep) of every row: `rows` ("policy@keep"; `full` at keep 1), else policies x keeps."""
+        if self.rows is None:
+            return [(name, keep) for name in self.policies for keep in (["1"] if name == "full" else self.keeps)]
+        specs = []
+        for row in self.rows:
+            name, _, keep = str(row).partition("@")
+            if not keep and name != "full":
+                raise ValueError(f"benchmark.rows entry {row!r} needs a keep: write it as {name}@1/6")
+            specs.append((name, keep or "1"))
+        return specs
 
     def interleaved(self, cfg, device: torch.device) -> bool:
         """Whether the timed runs take turns across entries (see `order`)."""

@@ -43,9 +43,9 @@ class Sampler:
     takes the step's key as a number (dynamic after the second step: no recompile per token).
     """
 
-    def __init__(self, config: SamplingConfig, compile: bool = False):
+    def __init__(self, config: SamplingConfig, compile: bool = False, backend: str = "inductor"):
         self.config = config
-        self.function = torch.compile(draw_tokens, fullgraph=True) if compile else draw_tokens
+        self.function = torch.compile(draw_tokens, backend=backend, fullgraph=True) if compile else draw_tokens
 
     def __call__(self, logits: torch.Tensor, seed: int, sample_ids: torch.Tensor, token_index: int) -> torch.Tensor:
         """logits (B, V) -> tokens (B,)."""

@@ -37,11 +37,12 @@ class JanusAdapter:
     image_start: str = "<begin_of_image>"
     weight_files: list[str] = field(default_factory=list)
     compiled: bool = False  # the decode step and the sampler run through torch.compile
+    compile_backend: str = "inductor"
     sample: Sampler = field(init=False, repr=False)
     conditioning = "text"
 
     def __post_init__(self) -> None:
-        self.sample = Sampler(self.sampling, compile=self.compiled)
+        self.sample = Sampler(self.sampling, compile=self.compiled, backend=self.compile_backend)
 
     @property
     def layout(self) -> TokenLayout:
@@ -118,7 +119,7 @@ class JanusAdapter:
 
 def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,
                 weights_dir: str, device: str | torch.device, dtype: torch.dtype, download: bool = True, seed: int = 0,
-                compile: bool = False,
+                compile: bool = False, compile_backend: str = "inductor",
                 prompt_template: str = JanusAdapter.prompt_template,
                 image_start: str = JanusAdapter.image_start) -> JanusAdapter:
     """Build from `conf/model/janus_pro_*.yaml`: `path` is a hub id or a local transformers-native folder."""
@@ -140,6 +141,6 @@ def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampli
     network.to(device)
     vqmodel.to(device)
     if compile:
-        network.language_model.compile_decode()
+        network.language_model.compile_decode(compile_backend)
     return JanusAdapter(name, network, vqmodel, tokenizer, SamplingConfig(**sampling), weights, prompt_template,
-                        image_start, files, compiled=compile)
+                        image_start, files, compiled=compile, compile_backend=compile_backend)

@@ -35,11 +35,12 @@ class LlamaGenGenerator:
     weights: str
     weight_files: list[str] = field(default_factory=list)
     compiled: bool = False  # the GPT's decode step and the sampler run through torch.compile
+    compile_backend: str = "inductor"
     sample: Sampler = field(init=False, repr=False)
     conditioning = "class"
 
     def __post_init__(self) -> None:
-        self.sample = Sampler(self.sampling, compile=self.compiled)
+        self.sample = Sampler(self.sampling, compile=self.compiled, backend=self.compile_backend)
 
     @property
     def layout(self) -> TokenLayout:
@@ -118,12 +119,12 @@ def _initialise_random(gpt: LlamaGen, vq: VQModel, seed: int) -> None:
 def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq_file: str | None,
                     gpt_ckpt: str | None, vq_ckpt: str | None, vq: dict, sampling: dict, weights: str,
                     weights_dir: str | Path, device: str | torch.device, dtype: torch.dtype,
-                    download: bool = True, seed: int = 0, compile: bool = False,
+                    download: bool = True, seed: int = 0, compile: bool = False, compile_backend: str = "inductor",
                     **gpt_fields) -> LlamaGenGenerator:
     """Build from a `conf/model/llamagen*.yaml` block; load official files unless `weights=random`.
 
-    `compile` wraps the decode step and the sampler in torch.compile (CUDA graphs on GPU); the first
-    generation compiles (minutes on a CPU), so time a second one.
+    `compile` wraps the decode step and the sampler in torch.compile (CUDA graphs on GPU) with
+    `compile_backend`; the first generation compiles (minutes on a CPU), so time a second one.
     """
     config = LlamaGenConfig(**gpt_fields)
     if weights not in ("checkpoint", "random"):
@@ -148,6 +149,6 @@ def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq
     gpt.to(device=device, dtype=dtype).eval()
     tokenizer.to(device=device).eval()  # the tokenizer decodes in fp32, as the official sampler
     if compile:
-        gpt.compile_decode()
+        gpt.compile_decode(compile_backend)
     return LlamaGenGenerator(name, gpt, tokenizer, SamplingConfig(**sampling), weights, [str(p) for p in paths],
-                             compiled=compile)
+                             compiled=compile, compile_backend=compile_backend)

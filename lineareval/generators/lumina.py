@@ -55,11 +55,12 @@ class LuminaAdapter:
     prompt_template: str = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
     weight_files: list[str] = field(default_factory=list)
     compiled: bool = False  # the decode step and the sampler run through torch.compile
+    compile_backend: str = "inductor"
     sample: Sampler = field(init=False, repr=False)
     conditioning = "text"
 
     def __post_init__(self) -> None:
-        self.sample = Sampler(self.sampling, compile=self.compiled)
+        self.sample = Sampler(self.sampling, compile=self.compiled, backend=self.compile_backend)
 
     @property
     def side(self) -> int:
@@ -164,6 +165,7 @@ CHAMELEON_FILES = ("vqgan.yaml", "vqgan.ckpt", "text_tokenizer.json")
 def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: dict, weights: str, weights_dir: str,
                  device: str | torch.device, dtype: torch.dtype, chameleon_dir: str | None = None,
                  tokens: dict | None = None, download: bool = True, seed: int = 0, compile: bool = False,
+                 compile_backend: str = "inductor",
                  prompt_template: str = LuminaAdapter.prompt_template) -> LuminaAdapter:
     """Build from `conf/model/lumina_mgpt_*.yaml`: `path` is a hub id or a local folder."""
     from lineareval.models.chameleon import ChameleonLMConfig, load_chameleon_lm
@@ -208,6 +210,7 @@ def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: d
         vocabulary = ImageVocabulary.from_json(chameleon / "text_tokenizer.json")
     tokenizer = load_tokenizer(folder, path, weights_dir, lm["vocab_size"])
     if compile:
-        network.compile_decode()
+        network.compile_decode(compile_backend)
     return LuminaAdapter(name, network.eval(), tokenizer, SamplingConfig(**sampling), weights, resolution,
-                         LuminaTokens(**(tokens or {})), vqgan, vocabulary, prompt_template, files, compiled=compile)
+                         LuminaTokens(**(tokens or {})), vqgan, vocabulary, prompt_template, files, compiled=compile,
+                         compile_backend=compile_backend)

@@ -202,9 +202,9 @@ class ChameleonLM(nn.Module):
             h = layer.step(h, cos, sin, layer_cache)
         return self._logits(h[:, 0])
 
-    def compile_decode(self) -> None:
+    def compile_decode(self, backend: str = "inductor") -> None:
         """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
-        self.decoding.compile(self.lm_head.weight.device)
+        self.decoding.compile(self.lm_head.weight.device, backend)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -115,9 +115,9 @@ class LlamaDecoder(nn.Module):
             h = layer.step(h, cos, sin, layer_cache)
         return self.norm(h[:, 0])
 
-    def compile_decode(self) -> None:
+    def compile_decode(self, backend: str = "inductor") -> None:
         """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
-        self.decoding.compile(self.embed_tokens.weight.device)
+        self.decoding.compile(self.embed_tokens.weight.device, backend)
 
     def new_cache(self, policy, budget: int, sequences: int, layout) -> KVCache:
         weight = self.embed_tokens.weight

@@ -196,9 +196,9 @@ class LlamaGen(nn.Module):
                                       device=device, **options),
             policy, (repr(policy), budget, sequences), sequences)
 
-    def compile_decode(self) -> None:
+    def compile_decode(self, backend: str = "inductor") -> None:
         """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
-        self.decoding.compile(self.output.weight.device)
+        self.decoding.compile(self.output.weight.device, backend)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h)).float()
