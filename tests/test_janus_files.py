@@ -91,8 +91,9 @@ def test_official_names_are_those_of_deepseeks_release(reference):
                 "gen_aligner.layers.0.weight", "gen_aligner.layers.2.bias", "gen_head.output_mlp_projector.weight",
                 "gen_head.vision_head.weight", "gen_vision_model.quantize.embedding.weight",
                 "gen_vision_model.encoder.conv_blocks.0.res.0.conv1.weight", "gen_vision_model.encoder.mid.1.q.weight",
-                "gen_vision_model.decoder.conv_blocks.0.attn.0.proj_out.weight", "gen_vision_model.decoder.mid.2.conv2.bias",
-                "gen_vision_model.decoder.conv_blocks.0.upsample.conv.weight", "gen_vision_model.post_quant_conv.weight",
+                "gen_vision_model.decoder.conv_blocks.0.attn.0.proj_out.weight",
+                "gen_vision_model.decoder.mid.2.conv2.bias", "gen_vision_model.post_quant_conv.weight",
+                "gen_vision_model.decoder.conv_blocks.0.upsample.conv.weight",
                 "aligner.layers.0.weight"):
         assert key in keys, key
     assert not any(key.startswith("model.") for key in keys)
@@ -176,7 +177,8 @@ def _symbols(text: str) -> list[int]:
     from tokenizers.pre_tokenizers import ByteLevel
 
     alphabet = sorted(ByteLevel.alphabet())  # tokenizer_files: byte symbols from id 10, no merges
-    return [10 + alphabet.index(s) for piece, _ in ByteLevel(add_prefix_space=False).pre_tokenize_str(text) for s in piece]
+    pieces = ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+    return [10 + alphabet.index(symbol) for piece, _ in pieces for symbol in piece]
 
 
 @pytest.mark.parametrize("post_bos", [True, False], ids=["tokenizer-adds-bos", "tokenizer-adds-nothing"])

@@ -176,8 +176,8 @@ def test_vqgan_safetensors_alone_is_enough_to_decode(make_config, lumina_folders
 def _tokenizer_adapter(network, folder: Path) -> LuminaAdapter:
     from transformers import AutoTokenizer
 
-    return LuminaAdapter("lumina", network, AutoTokenizer.from_pretrained(folder), SamplingConfig(4.0, -1, 1.0, 50, 1.0),
-                         "random", 128)
+    return LuminaAdapter("lumina", network, AutoTokenizer.from_pretrained(folder),
+                         SamplingConfig(4.0, -1, 1.0, 50, 1.0), "random", 128)
 
 
 @pytest.mark.parametrize("post_bos", [False, True], ids=["tokenizer-adds-nothing", "tokenizer-adds-bos"])

@@ -39,7 +39,8 @@ def write_byte_level_tokenizer(folder: Path, special: dict[str, int], first_byte
                          {"Sequence": {"id": "B", "type_id": 1}}],
                 "special_tokens": {bos: {"id": bos, "ids": [special[bos]], "tokens": [bos]}}}
     document = {"version": "1.0", "truncation": None, "padding": None,
-                "added_tokens": [_added(token, token_id) for token, token_id in sorted(special.items(), key=lambda x: x[1])],
+                "added_tokens": [_added(token, token_id) for token, token_id in sorted(special.items(),
+                                                                                      key=lambda item: item[1])],
                 "normalizer": None, "pre_tokenizer": pre_tokenizer, "post_processor": post, "decoder": byte_level,
                 "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                           "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
@@ -58,7 +59,7 @@ JANUS_SPECIAL = {"<｜▁pad▁｜>": 0, "<｜begin▁of▁sentence｜>": 1, "<b
 
 
 def write_janus_tokenizer(folder: Path, pad: str = "<｜▁pad▁｜>", **kwargs) -> Path:
-    """DeepSeek's Janus-Pro tokenizer layout (LlamaTokenizerFast over a byte-level BPE, BOS added by the post-processor)."""
+    """DeepSeek's Janus-Pro tokenizer layout: LlamaTokenizerFast over a byte-level BPE, BOS from the post-processor."""
     return write_byte_level_tokenizer(folder, JANUS_SPECIAL, 10, bos="<｜begin▁of▁sentence｜>",
                                       eos="<｜end▁of▁sentence｜>", pad=pad, post_bos=kwargs.pop("post_bos", True),
                                       **kwargs)

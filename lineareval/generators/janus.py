@@ -1,12 +1,13 @@
 """Janus-Pro adapter: prompts in, uint8 images out, under any cache policy.
 
 As the official generator: the stripped prompt goes through the DeepSeek chat format with an empty
-system prompt and ends with the image-start tag, `<|User|>: {prompt.strip()}\\n\\n<|Assistant|>:<begin_of_image>`,
-encoded as BOS + the text (what LlamaTokenizerFast's `encode` gives; we add BOS ourselves, since a
-tokenizer.json loaded under transformers 5 may not). CFG rows are [cond; uncond] where the
-unconditional prompt keeps the first (BOS) and last (image-start) tokens and replaces the rest by the
-id of `<｜▁pad▁｜>`, looked up by name as the official `VLChatProcessor.pad_id` does (not the
-tokenizer's pad_token, which may differ), and not masked: the official code attends to them. Prompts of different lengths in one batch are
+system prompt and ends with the image-start tag,
+`<|User|>: {prompt.strip()}\\n\\n<|Assistant|>:<begin_of_image>`, encoded as BOS + the text (what
+LlamaTokenizerFast's `encode` gives; we add BOS ourselves, since a tokenizer.json loaded under
+transformers 5 may not). CFG rows are [cond; uncond] where the unconditional prompt keeps the first
+(BOS) and last (image-start) tokens and replaces the rest by the id of `<｜▁pad▁｜>`, looked up by name
+as the official `VLChatProcessor.pad_id` does (not the tokenizer's pad_token, which may differ), and
+not masked: the official code attends to them. Prompts of different lengths in one batch are
 left-padded with masked padding (the official code batches one prompt at a time). Positions are
 passed explicitly: prompt tokens 0..P_s-1, visual token i at P_s + i.
 """
@@ -138,8 +139,9 @@ def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampli
     from lineareval.models.janus import load_janus, random_janus, set_rope_inv_freq
 
     if weights == "checkpoint":
+        weight_files = ("*.safetensors", "pytorch_model*.bin")  # transformers' layout, or DeepSeek's release
         folder = resolve_model_folder(path, weights_dir, download=download,
-                                      required=("config.json", ("*.safetensors", "pytorch_model*.bin"), "tokenizer.json"),
+                                      required=("config.json", weight_files, "tokenizer.json"),
                                       patterns=(*PATTERNS, "pytorch_model*.bin"))
         network, vqmodel = load_janus(folder, dtype, num_patches=gen.get("num_patches", 24))
         files = [str(file) for file in checkpoint_files(folder)]

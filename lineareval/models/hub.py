@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 PATTERNS = ("*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
 # Weight files of a folder, tried in this order: safetensors (transformers' layout), then the pickled
 # `pytorch_model.bin` that older releases such as deepseek-ai/Janus-Pro-* ship (read with weights_only=True).
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
 
 
 def resolve_model_folder(path: str, weights_dir: str | Path, *, download: bool = True,
@@ -57,7 +58,7 @@ def _missing(folder: Path, required: tuple[str | tuple[str, ...], ...]) -> list[
 
 
 def checkpoint_files(path: str | Path) -> list[Path]:
-    """The weight files of a HF checkpoint: a folder (`WEIGHT_FILES`, first found), one file, or a shard index `.json`."""
+    """The weight files of a HF checkpoint: a folder (the first of `WEIGHT_FILES` found), a file, or a shard index."""
     path = Path(path).expanduser()
     if path.is_dir():
         found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]

@@ -135,18 +135,8 @@ def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, num_patch
                               f"({', '.join(OFFICIAL_CONFIGS)}: deepseek-ai/Janus-Pro-*); it has {sorted(config)}.")
     state = {key: value for file in checkpoint_files(folder) for key, value in load_state_dict_file(file).items()
              if not key.startswith(SKIPPED_PREFIXES)}  # the understanding tower is dropped file by file
-    if native:
-        text = LlamaConfig.from_hf(config["text_config"])
-        gen = JanusGenConfig(**{k: v for k, v in config["vq_config"].items() if k in JanusGenConfig.__dataclass_fields__})
-        network_state = {key.removeprefix("model."): value for key, value in state.items()
-                         if key.startswith(("model.language_model.", "model.generation_"))}
-        vq_state = {key.removeprefix("model.vqmodel."): value for key, value in state.items()
-                    if key.startswith("model.vqmodel.")}
-        vq_fields = config["vq_config"]
-    else:
-        text, gen = _official_configs(config, folder, num_patches)
-        network_state, vq_state = _rename_official(state)
-        vq_fields = _vq_sizes_from_weights(vq_state, gen, folder)
+    text, gen, network_state, vq_state, vq_fields = (_native_parts(config, state) if native
+                                                     else _official_parts(config, state, folder, num_patches))
     from transformers.models.janus.configuration_janus import JanusVQVAEConfig
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
@@ -157,11 +147,30 @@ def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, num_patch
     return network.to(dtype).eval(), vqmodel.eval()
 
 
+def _native_parts(config: dict, state: dict[str, torch.Tensor]) -> tuple:
+    """Sizes and state dicts of a transformers-native folder: (text, gen, network state, VQ state, VQ config)."""
+    gen = JanusGenConfig(**{key: value for key, value in config["vq_config"].items()
+                            if key in JanusGenConfig.__dataclass_fields__})
+    network_state = {key.removeprefix("model."): value for key, value in state.items()
+                     if key.startswith(("model.language_model.", "model.generation_"))}
+    vq_state = {key.removeprefix("model.vqmodel."): value for key, value in state.items()
+                if key.startswith("model.vqmodel.")}
+    return LlamaConfig.from_hf(config["text_config"]), gen, network_state, vq_state, config["vq_config"]
+
+
+def _official_parts(config: dict, state: dict[str, torch.Tensor], folder: Path, num_patches: int) -> tuple:
+    """The same from DeepSeek's release: its keys renamed onto ours, the VQ-16 sizes read from its weights."""
+    text, gen = _official_configs(config, folder, num_patches)
+    network_state, vq_state = _rename_official(state)
+    return text, gen, network_state, vq_state, _vq_sizes_from_weights(vq_state, gen, folder)
+
+
 def _official_configs(config: dict, folder: Path, num_patches: int) -> tuple[LlamaConfig, JanusGenConfig]:
     """The language model's and generation modules' sizes from DeepSeek's config.json."""
     if config["gen_vision_config"].get("cls") != "VQ-16":
         raise CheckpointError(f"{folder / 'config.json'}: gen_vision_config.cls is "
-                              f"{config['gen_vision_config'].get('cls')!r}; DeepSeek's code (and ours) knows only VQ-16")
+                              f"{config['gen_vision_config'].get('cls')!r}; DeepSeek's code (and ours) knows only "
+                              "VQ-16")
     try:
         vision, aligner, head = (config[name]["params"] for name in OFFICIAL_CONFIGS[1:])
         gen = JanusGenConfig(num_embeddings=vision["image_token_size"], embed_dim=vision["n_embed"],
@@ -206,7 +215,8 @@ def _vq_sizes_from_weights(vq: dict[str, torch.Tensor], gen: JanusGenConfig, fol
         return dict(base_channels=base, num_res_blocks=blocks,
                     channel_multiplier=[vq[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // base
                                         for i in range(levels)],
-                    in_channels=vq["encoder.conv_in.weight"].shape[1], out_channels=vq["decoder.conv_out.weight"].shape[0],
+                    in_channels=vq["encoder.conv_in.weight"].shape[1],
+                    out_channels=vq["decoder.conv_out.weight"].shape[0],
                     latent_channels=vq["quant_conv.weight"].shape[1], embed_dim=vq["quant_conv.weight"].shape[0],
                     num_embeddings=vq["quantize.embedding.weight"].shape[0], num_patches=gen.num_patches,
                     projection_dim=gen.projection_dim, image_token_embed_dim=gen.image_token_embed_dim,
@@ -240,7 +250,7 @@ class RoundedRotary(Rotary):
 
 
 def set_rope_inv_freq(network: JanusGenerator, choice: str) -> None:
-    """`official`: frequencies rounded to the weights' dtype (DeepSeek's code); `float32`: kept exact (transformers')."""
+    """`official`: frequencies rounded to the weights' dtype (DeepSeek's code); `float32`: exact (transformers')."""
     if choice not in ROPE_INV_FREQ:
         raise ValueError(f"model.rope_inv_freq must be one of {ROPE_INV_FREQ}, got {choice!r}")
     model = network.language_model
