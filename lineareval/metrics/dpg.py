@@ -19,8 +19,7 @@ Two known defects of the official script, and the two scorings offered (`SCORING
   (ELLA issue #60).
 `official` (the default) reproduces the script's numbers exactly, both quirks included, so ours compare
 with published ones; `corrected` keeps the first row and pools every image's answers into the category
-scores (still raw answers: a category score is the VQA accuracy on its questions, as officially). On the
-same answers the two differ by up to about 0.1 overall and 0.3 in a category.
+scores (still raw answers: a category score is the VQA accuracy on its questions, as officially).
 
 The official protocol draws 4 samples per prompt as one 2x2 grid and crops it top-left, top-right,
 bottom-left, bottom-right (L111-118, `PIC_NUM=4` in dist_eval.sh); here image k of a prompt plays crop k
@@ -49,6 +48,8 @@ log = logging.getLogger(__name__)
 REQUIRED_COLUMNS = ("item_id", "proposition_id", "dependency", "tuple", "question_natural_language")
 CATEGORIES = ("entity", "attribute", "relation", "global", "other")  # L1 names in the official CSV
 CATEGORY_RULES = ("official", "all_images")
+MPLUG_MODEL = "damo/mplug_visual-question-answering_coco_large_en"
+RELEASE = "dpg_bench/dpg_bench.csv of github.com/TencentQQGYLab/ELLA"
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,6 @@ class Scoring:
 
 SCORINGS = {"official": Scoring(skip_first_row=True, category_rule="official"),
             "corrected": Scoring(skip_first_row=False, category_rule="all_images")}
-MPLUG_MODEL = "damo/mplug_visual-question-answering_coco_large_en"
-RELEASE = "dpg_bench/dpg_bench.csv of github.com/TencentQQGYLab/ELLA"
 
 
 @dataclass(frozen=True)

@@ -308,7 +308,8 @@ def load_chameleon_vqgan(yaml_path: str | Path, weights_path: str | Path) -> Cha
         state = load_state_dict_file(weights_path)
     except ForeignObjectsError as error:
         command = CONVERT_COMMAND.format(source=weights_path, target=weights_path.with_name(VQGAN_WEIGHTS[0]))
-        raise CheckpointError(f"{error}\nConvert it once (tensors are rebuilt, no pickled code runs):\n    {command}\n"
+        refusal = str(error).splitlines()[0]  # without the generic advice that follows it
+        raise CheckpointError(f"{refusal}\nConvert it once (tensors are rebuilt, no pickled code runs):\n    {command}\n"
                               f"{VQGAN_WEIGHTS[0]} in model.chameleon_dir is then used instead of "
                               f"{weights_path.name}.") from error
     model = ChameleonVQGAN(config)
