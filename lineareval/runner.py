@@ -119,6 +119,17 @@ def evaluate_run(run_dir: Path, benchmark, record: dict, device: torch.device) -
     return record
 
 
+def evaluate_external(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path) -> dict:
+    """stage=evaluate of images made elsewhere, which the benchmark reads itself (DPG-Bench's images_dir):
+    no model is built and nothing is generated; the record holds the metrics and says where images came from."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    device = resolve_device(cfg.device)
+    record = {"benchmark": cfg.benchmark.name, "model": "external", "cache": None, "keep": None, "num_samples": None,
+              "seed": cfg.seed, **environment_info(device)}
+    return evaluate_run(run_dir, benchmark, record, device)
+
+
 def run_suite(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path) -> dict:
     """Run a multi-policy benchmark in this process; its rows become the run's record and a CSV."""
     from lineareval.benchmarks.efficiency import paper_table
@@ -192,6 +203,8 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
     benchmark = call_target(cfg.benchmark, exclude=("name",))
     existing = None if cfg.force else _existing_result(run_dir, resolved)
+    if cfg.stage == "evaluate" and existing is None and getattr(benchmark, "scores_external_images", False):
+        return evaluate_external(cfg, benchmark, resolved, run_dir) if ranks.is_main else {"rank": ranks.rank}
     if cfg.stage == "evaluate" and existing is None:
         raise FileNotFoundError(f"stage=evaluate needs a finished generation in {run_dir} (metrics.json and "
                                 "samples.npz); run stage=generate or stage=all first")

@@ -85,22 +85,16 @@ def tiny_llamagen(grid: int = 8, layers: int = 2, heads: int = 4, dim: int = 64,
 
 @pytest.fixture(scope="session")
 def janus_folder(tmp_path_factory) -> Path:
-    """A tiny transformers-native Janus folder with a real (tiny) tokenizer, as on the hub."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import JanusForConditionalGeneration, PreTrainedTokenizerFast
+    """A tiny transformers-native Janus folder with a tokenizer in DeepSeek's layout (byte-level BPE), as on the hub."""
+    from transformers import JanusForConditionalGeneration
 
     from test_janus import tiny_config
+    from tokenizer_files import write_janus_tokenizer
 
-    special = ["<pad>", "<bos>", "<begin_of_image>", "<unk>", "<|User|>", "<|Assistant|>"]
     folder = tmp_path_factory.mktemp("Janus-tiny")
     torch.manual_seed(0)
     JanusForConditionalGeneration(tiny_config(patches=6)).save_pretrained(folder)
-    words = special + ["a", "red", "apple", "green", "pear", ":"]
-    backend = Tokenizer(models.WordLevel({word: index for index, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", pad_token="<pad>",
-                                        unk_token="<unk>", additional_special_tokens=special[2:3] + special[4:])
-    tokenizer.save_pretrained(folder)
+    write_janus_tokenizer(folder)
     return folder
 
 

@@ -8,6 +8,10 @@ difference 0.0; their code is not imported here, so the suite needs no checkout 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +25,7 @@ from lineareval.models.chameleon_vqgan import (
     ChameleonVQGANConfig,
     ImageVocabulary,
     code_from_name,
+    find_vqgan_weights,
     load_chameleon_vqgan,
     to_uint8,
 )
@@ -162,11 +167,15 @@ def test_official_files_round_trip_through_the_loader(tmp_path):
     assert torch.equal(loaded.decode_codes(codes, (3, 4)), model.decode_codes(codes, (3, 4)))
 
 
-def test_loader_drops_only_loss_keys(tmp_path):
+def test_loader_warns_about_keys_outside_the_model_and_needs_every_model_key(tmp_path, caplog):
+    """As the official loader (strict=False) extra keys are tolerated, but named; a missing model key is an error."""
     model = _randomised()
     _, ckpt_path = _write_official_files(tmp_path, model, **{"ema.decoder.conv_out.weight": torch.zeros(1)})
-    with pytest.raises(CheckpointError, match="unexpected keys.*ema.decoder.conv_out.weight"):
-        load_chameleon_vqgan(tmp_path / "vqgan.yaml", ckpt_path)
+    with caplog.at_level(logging.WARNING):
+        loaded = load_chameleon_vqgan(tmp_path / "vqgan.yaml", ckpt_path)
+    assert "ema.decoder.conv_out.weight" in caplog.text and str(ckpt_path) in caplog.text
+    assert "loss." not in caplog.text  # the training-only loss weights are dropped without a warning
+    assert torch.equal(loaded.decoder.conv_out.weight, model.decoder.conv_out.weight)
 
     state = dict(model.state_dict())
     del state["decoder.conv_out.bias"]
@@ -178,15 +187,126 @@ def test_loader_drops_only_loss_keys(tmp_path):
 class CallbackState:
     """Stands in for a Lightning callback pickled next to the weights."""
 
+    def __init__(self) -> None:
+        self.best_model_score = torch.tensor(0.5)
 
-def test_loader_never_unpickles_foreign_objects(tmp_path):
+
+class HyperParameters(dict):
+    """Stands in for the AttributeDict / DictConfig Lightning pickles as `hyper_parameters`."""
+
+
+EXPLOITED = {"flag": False}
+
+
+def _exploit() -> None:
+    EXPLOITED["flag"] = True
+
+
+class ReduceExploit:
+    def __reduce__(self):
+        return (_exploit, ())
+
+
+class SystemExploit:
+    """Unpickling this runs a shell command, as a malicious checkpoint would."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class StateExploit:
+    def __setstate__(self, state) -> None:
+        _exploit()
+
+
+def _write_lightning_checkpoint(path: Path, model: ChameleonVQGAN, marker: Path, legacy: bool = False) -> Path:
+    """A Lightning-style vqgan.ckpt: state_dict next to callbacks, hyper-parameters and hostile objects."""
+    hyper = HyperParameters(embed_dim=model.config.embed_dim, ckpt_path=None, lossconfig={"disc_start": 0})
+    state = {**model.state_dict(), "loss.discriminator.main.0.weight": torch.randn(8, 3, 4, 4)}
+    checkpoint = {"epoch": 3, "global_step": 5, "pytorch-lightning_version": "1.0.8", "state_dict": state,
+                  "callbacks": {CallbackState: CallbackState()}, "hyper_parameters": hyper,
+                  "hparams_name": "kwargs", "optimizer_states": [{"exploit": ReduceExploit()}],
+                  "lr_schedulers": [SystemExploit(marker), StateExploit()]}
+    torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy)
+    return path
+
+
+def test_lightning_checkpoint_is_refused_with_the_command_that_converts_it(tmp_path):
     model = _randomised()
-    yaml_path, ckpt_path = _write_official_files(tmp_path, model)
-    torch.save({"state_dict": model.state_dict(), "callbacks": {CallbackState: {"best": 1.0}}}, ckpt_path)
-    with pytest.raises(CheckpointError, match="Refusing to load"):
+    yaml_path, _ = _write_official_files(tmp_path, model)
+    ckpt_path = _write_lightning_checkpoint(tmp_path / "vqgan.ckpt", model, tmp_path / "marker")
+    with pytest.raises(CheckpointError) as info:
         load_chameleon_vqgan(yaml_path, ckpt_path)
-    with pytest.raises(FileNotFoundError, match="vqgan.ckpt"):
-        load_chameleon_vqgan(yaml_path, tmp_path / "absent" / "vqgan.ckpt")
+    message = str(info.value)
+    assert f"python -m lineareval.models.convert convert-vqgan {ckpt_path} {tmp_path / 'vqgan.safetensors'}" in message
+    assert "model.chameleon_dir" in message and not (tmp_path / "marker").exists()
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_convert_vqgan_rebuilds_tensors_and_never_runs_pickled_code(tmp_path, legacy, caplog):
+    from lineareval.models.convert import convert_vqgan
+
+    model = _randomised()
+    marker = tmp_path / "marker"
+    ckpt_path = _write_lightning_checkpoint(tmp_path / "vqgan.ckpt", model, marker, legacy=legacy)
+    EXPLOITED["flag"] = False
+    with caplog.at_level(logging.INFO):
+        convert_vqgan(ckpt_path, tmp_path / "vqgan.safetensors")
+    assert EXPLOITED["flag"] is False and not marker.exists()
+    for name in ("CallbackState", "HyperParameters", "_exploit", "system", "StateExploit"):
+        assert name in caplog.text  # replaced by inert stubs, and said so
+
+    yaml_path = tmp_path / "vqgan.yaml"
+    yaml_path.write_text(yaml.safe_dump(_yaml_document(model.config)))
+    loaded = load_chameleon_vqgan(yaml_path, tmp_path / "vqgan.safetensors")
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+    # The payloads are live: an unrestricted unpickler runs them, so the checks above mean something.
+    torch.load(ckpt_path, weights_only=False)
+    assert EXPLOITED["flag"] is True and marker.exists()
+    EXPLOITED["flag"] = False
+
+
+def test_convert_vqgan_command_line(tmp_path):
+    model = _randomised()
+    marker = tmp_path / "marker"
+    ckpt_path = _write_lightning_checkpoint(tmp_path / "vqgan.ckpt", model, marker)
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "lineareval.models.convert", "convert-vqgan", str(ckpt_path),
+                           str(tmp_path / "out.safetensors")], cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists()
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(tensors["decoder.conv_out.weight"], model.decoder.conv_out.weight)
+    bad = subprocess.run([sys.executable, "-m", "lineareval.models.convert", "convert-vqgan",
+                          str(tmp_path / "absent.ckpt"), str(tmp_path / "x.safetensors")], cwd=repo,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "absent.ckpt" in bad.stderr
+
+
+def test_weights_prefer_vqgan_safetensors_and_accept_a_renamed_one(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _randomised()
+    _write_lightning_checkpoint(tmp_path / "vqgan.ckpt", model, tmp_path / "m")
+    assert find_vqgan_weights(tmp_path) == tmp_path / "vqgan.ckpt"
+    save_file(dict(model.state_dict()), tmp_path / "vqgan.safetensors")
+    assert find_vqgan_weights(tmp_path) == tmp_path / "vqgan.safetensors"  # preferred over the Lightning file
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    save_file(dict(model.state_dict()), renamed / "vqgan.ckpt")  # a safetensors file under the official name
+    (renamed / "vqgan.yaml").write_text(yaml.safe_dump(_yaml_document(model.config)))
+    loaded = load_chameleon_vqgan(renamed / "vqgan.yaml", find_vqgan_weights(renamed))
+    assert torch.equal(loaded.decoder.conv_out.weight, model.decoder.conv_out.weight)
+    with pytest.raises(FileNotFoundError, match="vqgan.safetensors or vqgan.ckpt"):
+        find_vqgan_weights(tmp_path / "absent")
 
 
 # ------------------------------------------------------------------------------------------ decoding

@@ -198,3 +198,76 @@ def test_unknown_layout_names_top_level_keys(tmp_path):
 def test_non_state_dicts_are_rejected(obj):
     with pytest.raises(CheckpointError, match="x.pt"):
         extract_model_state(obj, "x.pt")
+
+
+# --------------------------------------------------------------------- files that are not checkpoints
+
+
+def test_empty_file_names_the_file_and_says_it_is_empty(tmp_path):
+    path = tmp_path / "c2i_XL_384.pt"
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(path)
+    message = str(info.value)
+    assert str(path) in message and "empty (0 bytes)" in message
+    assert "download" in message  # the fix: fetch it again
+
+
+def test_random_bytes_name_the_file_and_the_real_problem(tmp_path):
+    path = tmp_path / "c2i_XL_384.pt"
+    path.write_bytes(bytes(range(7, 256)) * 4)  # no zip, pickle or safetensors header
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert "allow-list" not in message  # nothing was refused: the file is not a checkpoint at all
+    assert "not a torch checkpoint" in message and "safetensors" in message
+    assert r"b'\x07\x08\t\n" in message  # what it starts with instead
+
+
+def test_corrupt_pickle_reports_torchs_full_reason(tmp_path):
+    """A legacy torch pickle header followed by garbage: torch's own reason is on a later line of its message."""
+    path = tmp_path / "c2i_XL_384.pt"
+    path.write_bytes(b"\x80\x02" + bytes([207]) * 64)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(path)
+    message = str(info.value)
+    assert str(path) in message and "allow-list" not in message
+    assert "Unsupported operand 207" in message  # torch's reason, not only its header line
+
+
+def test_truncated_zip_checkpoint_names_the_file(tmp_path):
+    full = tmp_path / "full.pt"
+    torch.save({"model": _reference_state()}, full)
+    path = tmp_path / "c2i_XL_384.pt"
+    path.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(path)
+    message = str(info.value)
+    assert str(path) in message and "truncated or corrupt" in message
+
+
+def test_directory_is_not_reported_as_missing(tmp_path):
+    folder = tmp_path / "c2i_XL_384.pt"
+    folder.mkdir()
+    torch.save({"model": _reference_state()}, folder / "model.pt")
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(folder)
+    message = str(info.value)
+    assert str(folder) in message and "is a directory" in message
+    assert "does not exist" not in message and "model.pt" in message  # the file inside it, to point at
+
+
+def test_git_lfs_pointer_is_recognised(tmp_path):
+    path = tmp_path / "c2i_XL_384.pt"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(CheckpointError, match="Git LFS pointer.*git lfs pull"):
+        load_state_dict_file(path)
+
+
+def test_safetensors_content_under_another_name_loads(tmp_path):
+    reference = _reference_state()
+    path = tmp_path / "renamed.pt"
+    save_file(reference, path)
+    state = load_state_dict_file(path)
+    assert set(state) == set(reference) and all(torch.equal(state[k], v) for k, v in reference.items())

@@ -42,8 +42,8 @@ ANSWERS = {
 }
 
 
-def write_csv(path: Path, rows, columns=COLUMNS) -> Path:
-    with path.open("w", newline="") as handle:
+def write_csv(path: Path, rows, columns=COLUMNS, encoding: str = "utf-8") -> Path:
+    with path.open("w", newline="", encoding=encoding) as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for item, pid, dep, tup, question in rows:
@@ -292,3 +292,13 @@ def test_transformers_vqa_generative_matches_one_by_one(tmp_path):
                   for image, q in zip(IMAGES, QUESTIONS)]
     assert all(answer and "[DEC]" not in answer for answer in one_by_one)
     assert vqa.answer(IMAGES, QUESTIONS) == one_by_one
+
+
+def test_loader_reads_utf8_with_a_byte_order_mark(tmp_path):
+    """The release's CSV holds non-ASCII prompts; a BOM (as spreadsheet exports write) must not hide `item_id`."""
+    rows = [("crème", 1, "0", "entity - whole (café)", "Is there a café?"), *ROWS]
+    path = write_csv(tmp_path / "dpg.csv", rows, encoding="utf-8-sig")
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf")
+    questions = load_dpg_questions(path)
+    assert list(questions) == ["crème", "alpha", "beta"]
+    assert questions["crème"][0].question == "Is there a café?" and questions["crème"][0].detail == "entity - whole"

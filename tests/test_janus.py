@@ -20,12 +20,13 @@ PROMPTS = {"a red apple": [1, 5, 6, 7, 2], "two cats on a long sofa": [1, 8, 9, 
 
 
 class StubTokenizer:
-    """Maps the test prompts (after formatting) to fixed ids, like a real tokenizer call."""
+    """Maps the test prompts (after formatting) to fixed ids, like a real tokenizer call (BOS only if asked)."""
 
-    pad_token_id = PAD
+    pad_token_id, bos_token_id = PAD, BOS
 
     def __call__(self, texts, add_special_tokens=True):
-        return {"input_ids": [PROMPTS[text.split(": ", 1)[1].split("\n")[0]] for text in texts]}
+        ids = [PROMPTS[text.split(": ", 1)[1].split("\n")[0]] for text in texts]
+        return {"input_ids": ids if add_special_tokens else [row[1:] for row in ids]}
 
 
 def tiny_config(patches: int) -> JanusConfig:

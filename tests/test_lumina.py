@@ -3,8 +3,14 @@ both the conditional cache and the separate unconditional cache (unbatched CFG).
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+from tokenizers.pre_tokenizers import ByteLevel
 
 from conftest import CACHE_CONFIGS
 from lineareval.cache import TokenLayout
@@ -15,6 +21,8 @@ from lineareval.keep import parse_keep
 from lineareval.models.weights import MissingWeightsError
 from lineareval.runner import run
 from lineareval.sampling import SamplingConfig
+from test_text_runs import lumina_folders  # noqa: F401 (a fixture)
+from tokenizer_files import write_lumina_tokenizer
 
 TOKENS = LuminaTokens(image_start=300, image_end=301, new_line=302, end_of_turn="<eot>", size_offset=310,
                       image_first=4, image_last=259)
@@ -22,8 +30,11 @@ PROMPTS = {"a red apple": [1, 20, 21, 22, 23], "two cats": [1, 24, 25]}
 
 
 class StubTokenizer:
+    bos_token_id, eos_token_id = 1, 2
+
     def __call__(self, texts, add_special_tokens=True):
-        return {"input_ids": [PROMPTS[text.split("\n")[1].removesuffix("<eot>")] for text in texts]}
+        ids = [PROMPTS[text.split("\n")[1].removesuffix("<eot>")] for text in texts]
+        return {"input_ids": ids if add_special_tokens else [row[1:] for row in ids]}
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +138,98 @@ def test_random_lumina_without_decoder_refuses_to_decode_before_generating(make_
         run(make_config(*RANDOM_TINY))
     record = run(make_config(*RANDOM_TINY, "decode_images=false", "cache=linear", "keep=1/2"))
     assert record["weights"] == "random" and record["visual_budget"] == 10  # 4 rows x (4 + 1) tokens, half kept
+
+
+# ------------------------------------------------------------------------- files as users have them
+
+
+def _chameleon_dir(tmp_path, source: Path, *names: str) -> Path:
+    """A copy of some of the Chameleon tokenizer files of `source`."""
+    folder = tmp_path / "chameleon"
+    folder.mkdir()
+    for name in names:
+        shutil.copy(source / name, folder / name)
+    return folder
+
+
+def test_checkpoint_run_without_decoding_never_loads_the_vqgan(make_config, lumina_folders, tmp_path):
+    model_dir, chameleon = lumina_folders
+    folder = _chameleon_dir(tmp_path, chameleon, "text_tokenizer.json")
+    (folder / "vqgan.ckpt").write_bytes(b"")  # unreadable: loading it would fail
+    record = run(make_config("model=lumina_mgpt_768", f"model.path={model_dir}", f"model.chameleon_dir={folder}",
+                             "model.resolution=64", "prompt=a red apple", "decode_images=false"))
+    assert record["num_samples"] == 1 and record["weights"] == "checkpoint"
+
+
+def test_vqgan_safetensors_alone_is_enough_to_decode(make_config, lumina_folders, tmp_path):
+    from lineareval.models.convert import convert_vqgan
+
+    model_dir, chameleon = lumina_folders
+    folder = _chameleon_dir(tmp_path, chameleon, "text_tokenizer.json", "vqgan.yaml")
+    convert_vqgan(chameleon / "vqgan.ckpt", folder / "vqgan.safetensors")
+    cfg = make_config("model=lumina_mgpt_768", f"model.path={model_dir}", f"model.chameleon_dir={folder}",
+                      "model.resolution=64", "prompt=a red apple")
+    run(cfg)
+    assert np.load(Path(cfg.run_dir) / "samples.npz")["arr_0"].shape == (1, 8, 8, 3)
+
+
+def _tokenizer_adapter(network, folder: Path) -> LuminaAdapter:
+    from transformers import AutoTokenizer
+
+    return LuminaAdapter("lumina", network, AutoTokenizer.from_pretrained(folder),
+                         SamplingConfig(4.0, -1, 1.0, 50, 1.0), "random", 128)
+
+
+@pytest.mark.parametrize("post_bos", [False, True], ids=["tokenizer-adds-nothing", "tokenizer-adds-bos"])
+def test_prompt_is_bos_then_text_without_special_tokens(network, tmp_path, post_bos):
+    """Official: [bos] + encode(text + "<reserved08706>", add_special_tokens=False), whatever the tokenizer adds."""
+    lumina = _tokenizer_adapter(network, write_lumina_tokenizer(tmp_path / "tok", post_bos=post_bos))
+    ids, present = lumina.prefix_batch(["a café"])
+    text = "Generate an image of 128x128 according to the following prompt:\na café"
+    alphabet = sorted(ByteLevel.alphabet())  # one id per byte symbol, from 8720 (tokenizer_files)
+    body = [8720 + alphabet.index(symbol) for piece, _ in ByteLevel(add_prefix_space=False).pre_tokenize_str(text)
+            for symbol in piece]
+    assert ids[0].tolist() == [0, *body, 8710, 8197, 8804 + 4, 8804 + 4]  # BOS once, no EOS, then the header
+    assert bool(present.all())
+
+
+RANDOM_FROM_FILES = dict(name="lumina", resolution=64, sampling={"cfg_scale": 4.0, "cfg_interval": -1,
+                         "temperature": 1.0, "top_k": 50, "top_p": 1.0}, weights="random", device="cpu",
+                         dtype=torch.float32, lm=dict(vocab_size=9000, hidden_size=64, intermediate_size=128,
+                                                      num_hidden_layers=1, num_attention_heads=4))
+
+
+def test_tokenizer_that_drops_spaces_stops_with_the_transformers_version(tmp_path):
+    import transformers
+
+    from lineareval.generators.lumina import build_lumina
+
+    folder = write_lumina_tokenizer(tmp_path / "Lumina-tok", drop_spaces=True)
+    with pytest.raises(ValueError) as error:
+        build_lumina(path=str(folder), weights_dir=str(tmp_path), decode_images=False, **RANDOM_FROM_FILES)
+    message = str(error.value)
+    assert f"transformers {transformers.__version__}" in message and str(folder) in message
+    assert "spaces" in message
+    build_lumina(path=str(write_lumina_tokenizer(tmp_path / "ok")), weights_dir=str(tmp_path), decode_images=False,
+                 **RANDOM_FROM_FILES)  # the same tokenizer without the defect loads
+
+
+def test_layout_token_ids_are_checked_against_text_tokenizer_json(tmp_path, lumina_folders):
+    from lineareval.generators.lumina import build_lumina
+
+    _, chameleon = lumina_folders
+    folder = _chameleon_dir(tmp_path, chameleon, "text_tokenizer.json")
+    tokenizer = write_lumina_tokenizer(tmp_path / "tok")
+    adapter = build_lumina(path=str(tokenizer), weights_dir=str(tmp_path), chameleon_dir=str(folder),
+                           decode_images=False, **RANDOM_FROM_FILES)
+    assert adapter.tokens == LuminaTokens()  # the released ids agree with the vocabulary
+    document = json.loads((folder / "text_tokenizer.json").read_text())
+    vocab = document["model"]["vocab"]
+    vocab["<reserved08799>"], vocab["<reserved08802>"] = 8802, 8803  # a vocabulary that disagrees
+    (folder / "text_tokenizer.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError) as error:
+        build_lumina(path=str(tokenizer), weights_dir=str(tmp_path), chameleon_dir=str(folder), decode_images=False,
+                     **RANDOM_FROM_FILES)
+    message = str(error.value)
+    assert "new_line" in message and "8803" in message and "8802" in message and "model.tokens.new_line" in message
+    assert str(folder / "text_tokenizer.json") in message

@@ -8,9 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
-
 from lineareval.benchmarks.samples import load_prompts, text_samples
 from lineareval.models.weights import MissingWeightsError
 from lineareval.runner import run
@@ -89,6 +86,7 @@ def lumina_folders(tmp_path_factory) -> tuple[Path, Path]:
     from lineareval.models.chameleon import ChameleonLM, ChameleonLMConfig
     from lineareval.models.chameleon_vqgan import ChameleonVQGAN, ChameleonVQGANConfig
     from test_chameleon_vqgan import _write_official_files
+    from tokenizer_files import write_lumina_tokenizer
 
     model_dir, chameleon = tmp_path_factory.mktemp("Lumina-tiny"), tmp_path_factory.mktemp("chameleon")
     hf_config = {"model_type": "chameleon", "vocab_size": 9000, "hidden_size": 64, "intermediate_size": 128,
@@ -98,12 +96,7 @@ def lumina_folders(tmp_path_factory) -> tuple[Path, Path]:
     torch.manual_seed(0)
     network = ChameleonLM(ChameleonLMConfig.from_hf_config(hf_config))
     save_file({key: value.contiguous() for key, value in network.state_dict().items()}, model_dir / "model.safetensors")
-    words = ["<pad>", "<s>", "<unk>", "Generate", "an", "image", "of", "64x64", "according", "to", "the", "following",
-             "prompt", ":", "a", "red", "apple", "<reserved08706>"]
-    backend = Tokenizer(models.WordLevel({word: 8900 + index for index, word in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>", unk_token="<unk>",
-                            additional_special_tokens=["<reserved08706>"]).save_pretrained(model_dir)
+    write_lumina_tokenizer(model_dir)
     vqgan = ChameleonVQGAN(ChameleonVQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=8, resolution=16,
                                                 n_embed=8192, embed_dim=4))
     _write_official_files(chameleon, vqgan)

@@ -159,3 +159,22 @@ def test_real_hub_client_offline_error_is_translated(tmp_path, monkeypatch):
         resolve_weight_files([WeightFile("c2i_XL_384.pt", REPO)], tmp_path)
     assert "download failed: LocalEntryNotFoundError" in str(info.value)
     assert not (tmp_path / "c2i_XL_384.pt").exists()
+
+
+def test_explicit_path_to_a_directory_is_not_called_missing(tmp_path, offline, no_download):
+    folder = tmp_path / "c2i_XL_384.pt"
+    folder.mkdir()
+    (folder / "c2i_XL_384.pt").write_bytes(b"weights")
+    file = WeightFile("c2i_XL_384.pt", REPO, path=str(folder), field="model.gpt_ckpt")
+    with pytest.raises(MissingWeightsError) as info:
+        resolve_weight_files([file], tmp_path / "weights")
+    message = str(info.value)
+    assert f"{folder}: is a directory, not a file" in message and "does not exist" not in message
+    assert str(folder / "c2i_XL_384.pt") in message  # the file inside, to point model.gpt_ckpt at
+
+
+def test_directory_in_weights_dir_is_named(tmp_path, offline, no_download):
+    (tmp_path / "c2i_XL_384.pt").mkdir()
+    with pytest.raises(MissingWeightsError) as info:
+        resolve_weight_files([WeightFile("c2i_XL_384.pt", REPO)], tmp_path)
+    assert f"{tmp_path / 'c2i_XL_384.pt'} is a directory, not a file" in str(info.value)

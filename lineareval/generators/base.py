@@ -105,12 +105,15 @@ class WordHashTokenizer:
     """
 
     pad_token_id = 0
+    bos_token_id = 1
+    eos_token_id = None
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
 
     def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
-        return {"input_ids": [[1] + [2 + zlib.crc32(word.encode()) % (self.vocab_size - 2) for word in text.split()]
+        bos = [self.bos_token_id] if add_special_tokens else []
+        return {"input_ids": [bos + [2 + zlib.crc32(word.encode()) % (self.vocab_size - 2) for word in text.split()]
                               for text in texts]}
 
 

@@ -1,9 +1,13 @@
 """Janus-Pro adapter: prompts in, uint8 images out, under any cache policy.
 
-As the official generator: the prompt goes through the DeepSeek chat format with an empty system
-prompt and ends with the image-start tag; CFG rows are [cond; uncond] where the unconditional prompt
-keeps the first (BOS) and last (image-start) tokens and replaces the rest by the pad token (not
-masked: the official code attends to them). Prompts of different lengths in one batch are
+As the official generator: the stripped prompt goes through the DeepSeek chat format with an empty
+system prompt and ends with the image-start tag,
+`<|User|>: {prompt.strip()}\\n\\n<|Assistant|>:<begin_of_image>`, encoded as BOS + the text (what
+LlamaTokenizerFast's `encode` gives; we add BOS ourselves, since a tokenizer.json loaded under
+transformers 5 may not). CFG rows are [cond; uncond] where the unconditional prompt keeps the first
+(BOS) and last (image-start) tokens and replaces the rest by the id of `<｜▁pad▁｜>`, looked up by name
+as the official `VLChatProcessor.pad_id` does (not the tokenizer's pad_token, which may differ), and
+not masked: the official code attends to them. Prompts of different lengths in one batch are
 left-padded with masked padding (the official code batches one prompt at a time). Positions are
 passed explicitly: prompt tokens 0..P_s-1, visual token i at P_s + i.
 """
@@ -17,6 +21,7 @@ import torch
 
 from lineareval.cache import CachePolicy, TokenLayout
 from lineareval.generators.base import Generation, Sampler, StepObserver, StepTimer, left_pad, load_tokenizer
+from lineareval.generators.text import bos_id, check_round_trip, is_real_tokenizer, vocabulary_id
 from lineareval.models.janus import JanusGenerator
 from lineareval.sampling import SamplingConfig
 
@@ -38,11 +43,17 @@ class JanusAdapter:
     weight_files: list[str] = field(default_factory=list)
     compiled: bool = False  # the decode step and the sampler run through torch.compile
     compile_backend: str = "inductor"
+    pad_id: int | None = None  # unconditional rows' filler; build_janus gives the id of <｜▁pad▁｜>
+    bos_id: int | None = None  # None: the tokenizer's BOS
     sample: Sampler = field(init=False, repr=False)
     conditioning = "text"
 
     def __post_init__(self) -> None:
         self.sample = Sampler(self.sampling, compile=self.compiled, backend=self.compile_backend)
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.pad_token_id
+        if self.bos_id is None:
+            self.bos_id = bos_id(self.tokenizer, self.name)
 
     @property
     def layout(self) -> TokenLayout:
@@ -58,12 +69,13 @@ class JanusAdapter:
         return 2 * batch if self.sampling.guided else batch
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
-        """Token ids of each formatted prompt (BOS ... image-start)."""
-        texts = [self.prompt_template.format(prompt=prompt) + self.image_start for prompt in prompts]
-        return [list(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        """Token ids of each formatted, stripped prompt: BOS, then the text up to image-start."""
+        texts = [self.prompt_template.format(prompt=prompt.strip()) + self.image_start for prompt in prompts]
+        return [[self.bos_id, *ids] for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
     def unconditional(self, ids: list[int]) -> list[int]:
-        return [ids[0]] + [self.tokenizer.pad_token_id] * (len(ids) - 2) + [ids[-1]]
+        """BOS, then `<｜▁pad▁｜>` in place of every prompt token, then image-start (the official layout)."""
+        return [ids[0]] + [self.pad_id] * (len(ids) - 2) + [ids[-1]]
 
     def prefix_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and presence mask, each (S, P): S = 2B rows [cond; uncond] with guidance."""
@@ -119,28 +131,37 @@ class JanusAdapter:
 
 def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,
                 weights_dir: str, device: str | torch.device, dtype: torch.dtype, download: bool = True, seed: int = 0,
-                compile: bool = False, compile_backend: str = "inductor",
+                compile: bool = False, compile_backend: str = "inductor", rope_inv_freq: str = "official",
+                pad_token: str = "<｜▁pad▁｜>",
                 prompt_template: str = JanusAdapter.prompt_template,
                 image_start: str = JanusAdapter.image_start) -> JanusAdapter:
-    """Build from `conf/model/janus_pro_*.yaml`: `path` is a hub id or a local transformers-native folder."""
-    from lineareval.models.hub import resolve_model_folder
-    from lineareval.models.janus import load_janus, random_janus
+    """Build from `conf/model/janus_pro_*.yaml`: `path` is a hub id or a local folder in transformers' layout
+    (deepseek-community/Janus-Pro-*) or DeepSeek's (deepseek-ai/Janus-Pro-*, `.bin` or safetensors)."""
+    from lineareval.models.hub import PATTERNS, checkpoint_files, resolve_model_folder
+    from lineareval.models.janus import load_janus, random_janus, set_rope_inv_freq
 
     if weights == "checkpoint":
+        weight_files = ("*.safetensors", "pytorch_model*.bin")  # transformers' layout, or DeepSeek's release
         folder = resolve_model_folder(path, weights_dir, download=download,
-                                      required=("config.json", "*.safetensors", "tokenizer.json"))
-        network, vqmodel = load_janus(folder, dtype)
-        files = [str(file) for file in sorted(folder.glob("*.safetensors"))]
+                                      required=("config.json", weight_files, "tokenizer.json"),
+                                      patterns=(*PATTERNS, "pytorch_model*.bin"))
+        network, vqmodel = load_janus(folder, dtype, num_patches=gen.get("num_patches", 24))
+        files = [str(file) for file in checkpoint_files(folder)]
     elif weights == "random":
         log.warning("model %s uses RANDOM weights (weights=random): speed benchmarks only", name)
         network, vqmodel = random_janus(text, gen, vq, seed, dtype, device)
         folder, files = None, []
     else:
         raise ValueError(f"weights must be 'checkpoint' or 'random', got {weights!r}")
+    set_rope_inv_freq(network, rope_inv_freq)
     tokenizer = load_tokenizer(folder, path, weights_dir, text["vocab_size"])
+    pad_id = None
+    if is_real_tokenizer(tokenizer):
+        check_round_trip(tokenizer, folder or path)
+        pad_id = vocabulary_id(tokenizer, pad_token, folder or path)
     network.to(device)
     vqmodel.to(device)
     if compile:
         network.language_model.compile_decode(compile_backend)
     return JanusAdapter(name, network, vqmodel, tokenizer, SamplingConfig(**sampling), weights, prompt_template,
-                        image_start, files, compiled=compile, compile_backend=compile_backend)
+                        image_start, files, compiled=compile, compile_backend=compile_backend, pad_id=pad_id)

@@ -12,12 +12,14 @@ Official release: github.com/TencentQQGYLab/ELLA, `dpg_bench/` (`compute_dpg_ben
   keyed by the `tuple` text before "(" (L2, e.g. "entity - whole", "global -") and that before "-"
   (L1, e.g. "entity") (L207-245). The columns `category_broad`/`category_detailed` are not used.
 
-Two known defects of the official script are switches here (defaults noted):
-- it takes category scores from the raw answers (before the parent rule) of the *last* image only
-  (ELLA issue #60): `category_rule="official"` (default) mirrors that, `"all_images"` pools every image;
+Two known defects of the official script, and the two scorings offered (`SCORINGS`):
 - it skips the first data row of the CSV (ELLA issue #61: a question of partiprompts97); when other
-  questions depend on it, the resulting KeyError (caught, L213) drops that whole prompt from every score.
-  `skip_first_row=True` mirrors both (default False).
+  questions depend on it, the resulting KeyError (caught, L213) drops that whole prompt from every score;
+- it takes category scores from the raw answers (before the parent rule) of the *last* image only
+  (ELLA issue #60).
+`official` (the default) reproduces the script's numbers exactly, both quirks included, so ours compare
+with published ones; `corrected` keeps the first row and pools every image's answers into the category
+scores (still raw answers: a category score is the VQA accuracy on its questions, as officially).
 
 The official protocol draws 4 samples per prompt as one 2x2 grid and crops it top-left, top-right,
 bottom-left, bottom-right (L111-118, `PIC_NUM=4` in dist_eval.sh); here image k of a prompt plays crop k
@@ -48,6 +50,18 @@ CATEGORIES = ("entity", "attribute", "relation", "global", "other")  # L1 names 
 CATEGORY_RULES = ("official", "all_images")
 MPLUG_MODEL = "damo/mplug_visual-question-answering_coco_large_en"
 RELEASE = "dpg_bench/dpg_bench.csv of github.com/TencentQQGYLab/ELLA"
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How the official script's two quirks are treated (module docstring)."""
+
+    skip_first_row: bool
+    category_rule: str
+
+
+SCORINGS = {"official": Scoring(skip_first_row=True, category_rule="official"),
+            "corrected": Scoring(skip_first_row=False, category_rule="all_images")}
 
 
 @dataclass(frozen=True)
@@ -119,7 +133,8 @@ def load_dpg_questions(csv_path: str | Path, skip_first_row: bool = False) -> di
     path = Path(csv_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"DPG-Bench question file {path} does not exist; it is {RELEASE}")
-    with path.open(newline="", encoding="utf-8") as handle:
+    # UTF-8 whatever the locale (27 prompts are not ASCII); "-sig" drops a byte-order mark, as pandas does.
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:

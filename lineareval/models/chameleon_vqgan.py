@@ -29,13 +29,13 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from lineareval.models.checkpoint import load_into, load_state_dict_file
+from lineareval.models.checkpoint import CheckpointError, ForeignObjectsError, load_into, load_state_dict_file
 from lineareval.models.vq import AttnBlock, Downsample, ResnetBlock, Upsample
 
 logger = logging.getLogger(__name__)
 
 # Training-only weights of the Lightning module (taming's VQLPIPSWithDiscriminator: LPIPS net and
-# PatchGAN discriminator). Only these are dropped; any other unexpected key is an error.
+# PatchGAN discriminator), dropped without a warning; other keys the model lacks are dropped with one.
 TRAINING_ONLY_PREFIXES: tuple[str, ...] = ("loss.",)
 
 
@@ -274,27 +274,61 @@ class ChameleonVQGAN(nn.Module):
         return self.decoder(self.post_quant_conv(latents))
 
 
-def load_chameleon_vqgan(yaml_path: str | Path, ckpt_path: str | Path) -> ChameleonVQGAN:
-    """Build the VQGAN from `vqgan.yaml` and strictly load `vqgan.ckpt` (or a `.safetensors` copy of it).
+# Looked for in model.chameleon_dir, in this order: a safetensors copy (made by the converter below) is
+# preferred over Meta's Lightning checkpoint.
+VQGAN_WEIGHTS: tuple[str, ...] = ("vqgan.safetensors", "vqgan.ckpt")
+CONVERT_COMMAND = "python -m lineareval.models.convert convert-vqgan {source} {target}"
 
-    `vqgan.ckpt` is a Lightning checkpoint: `{"state_dict": {...}, ...}`. It is read with
-    `weights_only=True`; only `state_dict` is used, and of it only keys under `TRAINING_ONLY_PREFIXES`
-    are dropped. Returns the model in eval mode, float32, on CPU.
+
+def find_vqgan_weights(folder: str | Path) -> Path:
+    """`vqgan.safetensors` if the folder holds one, else Meta's `vqgan.ckpt`."""
+    folder = Path(folder)
+    for name in VQGAN_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"No VQGAN weights in {folder}: expected {' or '.join(VQGAN_WEIGHTS)} (vqgan.ckpt ships "
+                            "with the Chameleon tokenizer files, next to vqgan.yaml and text_tokenizer.json).")
+
+
+def load_chameleon_vqgan(yaml_path: str | Path, weights_path: str | Path) -> ChameleonVQGAN:
+    """Build the VQGAN from `vqgan.yaml` and load `vqgan.ckpt` or its `.safetensors` copy.
+
+    `vqgan.ckpt` is a Lightning checkpoint: `{"state_dict": {...}, ...}`, read with `weights_only=True`;
+    if it pickles anything but tensors and containers, the error names the converter command. Every key
+    of the model must be present; keys under `TRAINING_ONLY_PREFIXES` are dropped silently and any other
+    extra key is dropped with a warning (the official loader uses `strict=False`). Returns the model in
+    eval mode, float32, on CPU.
     """
     config = ChameleonVQGANConfig.from_yaml(yaml_path)
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"VQGAN weights {ckpt_path} not found; they ship with the Chameleon tokenizer "
+    weights_path = Path(weights_path)
+    if not weights_path.is_file() and not weights_path.is_dir():
+        raise FileNotFoundError(f"VQGAN weights {weights_path} not found; they ship with the Chameleon tokenizer "
                                 "files (tokenizer/vqgan.ckpt).")
-    state = load_state_dict_file(ckpt_path)
-    dropped = [key for key in state if key.startswith(TRAINING_ONLY_PREFIXES)]
-    state = {key: value for key, value in state.items() if not key.startswith(TRAINING_ONLY_PREFIXES)}
-    if dropped:
-        logger.info("Dropped %d training-only tensors (%s) from %s", len(dropped), ", ".join(TRAINING_ONLY_PREFIXES),
-                    ckpt_path)
+    try:
+        state = load_state_dict_file(weights_path)
+    except ForeignObjectsError as error:
+        command = CONVERT_COMMAND.format(source=weights_path, target=weights_path.with_name(VQGAN_WEIGHTS[0]))
+        refusal = str(error).splitlines()[0]  # without the generic advice that follows it
+        raise CheckpointError(f"{refusal}\nConvert it once (tensors are rebuilt, no pickled code runs):\n    {command}\n"
+                              f"{VQGAN_WEIGHTS[0]} in model.chameleon_dir is then used instead of "
+                              f"{weights_path.name}.") from error
     model = ChameleonVQGAN(config)
-    load_into(model, state, source=str(ckpt_path), ignore=())
+    load_into(model, _model_keys(state, model, weights_path), source=str(weights_path), ignore=())
     return model.eval()
+
+
+def _model_keys(state: dict[str, Tensor], model: nn.Module, path: Path) -> dict[str, Tensor]:
+    """The entries of `state` the model has; training-only ones dropped silently, any other extra one named."""
+    expected = model.state_dict().keys()
+    training = [key for key in state if key.startswith(TRAINING_ONLY_PREFIXES)]
+    extra = [key for key in state if key not in expected and not key.startswith(TRAINING_ONLY_PREFIXES)]
+    if training:
+        logger.info("Dropped %d training-only tensors (%s) from %s", len(training), ", ".join(TRAINING_ONLY_PREFIXES),
+                    path)
+    if extra:
+        logger.warning("%s holds %d tensors the VQGAN does not use, ignored as the official loader does: %s", path,
+                       len(extra), ", ".join(extra[:10]) + (" ..." if len(extra) > 10 else ""))
+    return {key: value for key, value in state.items() if key in expected}
 
 
 def to_uint8(images: Tensor) -> Tensor:

@@ -27,6 +27,9 @@ SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 # ("state_dict"). A raw state dict (LlamaGen XXL/3B, saved with FSDP) is recognised by its values.
 STATE_KEYS: tuple[str, ...] = ("model", "module", "state_dict")
 
+# Files a directory given in place of a checkpoint may hold, to suggest in the error.
+CHECKPOINT_SUFFIXES: tuple[str, ...] = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+
 _MAX_LISTED = 10
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -35,26 +38,75 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read safely or does not fit the model."""
 
 
+class ForeignObjectsError(CheckpointError):
+    """A torch pickle that holds objects outside the allow-list (refused, never run)."""
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a `.safetensors` or torch pickle file and return its model state dict on CPU."""
+    """Read a safetensors or torch checkpoint file and return its model state dict on CPU.
+
+    The format is read from the file's first bytes, not its name, so a safetensors file saved as
+    `.pt`/`.ckpt` loads too. Anything else (an empty file, a folder, an HTML page or Git LFS pointer in
+    place of the weights, a truncated download) is a `CheckpointError` naming the file and the problem.
+    """
     path = Path(path)
-    if path.suffix == ".safetensors":
+    if sniff_format(path) == "safetensors":
         return _load_safetensors(path)
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        allowed = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_GLOBALS)
-        raise CheckpointError(
-            f"Refusing to load {path}: it contains objects outside the allow-list of plain types "
-            f"(tensors, containers, numbers, strings, {allowed}). "
-            f"torch said: {_torch_reason(error)}\n"
-            "Get the official weights file, or convert this one to .safetensors in a trusted "
-            "environment; lineareval never unpickles arbitrary objects."
-        ) from error
+    obj = _torch_load(path)
     state = extract_model_state(obj, path)
     logger.info("Read %d tensors from %s", len(state), path)
     return state
+
+
+def sniff_format(path: Path) -> str:
+    """"safetensors" or "torch" from the file's first bytes; a clear error for anything else."""
+    if not path.exists():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    if path.is_dir():
+        inside = sorted(str(item) for item in path.iterdir() if item.suffix in CHECKPOINT_SUFFIXES)
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; point at a file inside it"
+                              + (f" ({_listing(inside)})." if inside else " (it holds no checkpoint file)."))
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy was interrupted. Delete it and "
+                              "download it again.")
+    with path.open("rb") as handle:
+        head = handle.read(64)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch's zip format, or a legacy pickle
+        return "torch"
+    header_length = int.from_bytes(head[:8], "little")
+    if len(head) > 8 and head[8:9] == b"{" and 8 + header_length <= size:
+        return "safetensors"
+    if head.startswith(b"version https://git-lfs"):
+        raise CheckpointError(f"{path} is a Git LFS pointer ({size} bytes), not the weights: run `git lfs pull` in "
+                              "its repository, or download the file itself.")
+    raise CheckpointError(f"{path} is not a torch checkpoint (zip or pickle) nor a safetensors file: it starts with "
+                          f"{head[:16]!r} ({size} bytes). Is it an error page saved in place of the download? "
+                          "Download it again.")
+
+
+def _torch_load(path: Path) -> object:
+    """`torch.load(weights_only=True)` with the allow-list; torch's failures become CheckpointErrors."""
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = _torch_reason(error)
+        if "Unsupported global" not in reason:
+            raise CheckpointError(f"{path} is a truncated or corrupt torch pickle: torch said: {reason}. "
+                                  "Download it again.") from error
+        allowed = ", ".join(f"{cls.__module__}.{cls.__qualname__}" for cls in SAFE_GLOBALS)
+        raise ForeignObjectsError(
+            f"Refusing to load {path}: it contains objects outside the allow-list of plain types "
+            f"(tensors, containers, numbers, strings, {allowed}). torch said: {reason}\n"
+            "Get the official weights file, or convert this one to .safetensors in a trusted "
+            "environment; lineareval never unpickles arbitrary objects."
+        ) from error
+    except (RuntimeError, EOFError, ValueError, KeyError, OSError) as error:
+        # e.g. "PytorchStreamReader failed reading zip archive" for a download cut short
+        raise CheckpointError(f"{path} is a truncated or corrupt torch checkpoint: torch said: "
+                              f"{type(error).__name__}: {_ANSI.sub('', str(error)).strip()}. Download it again."
+                              ) from error
 
 
 def extract_model_state(obj: object, path: str | Path) -> dict[str, Tensor]:
@@ -159,9 +211,15 @@ def _listing(items: Iterable[str]) -> str:
 
 
 def _torch_reason(error: Exception) -> str:
-    """The line of torch's message naming the refused object (the rest advises unsafe loading)."""
+    """torch's reason for refusing a pickle, without its advice to load unsafely.
+
+    The reason follows "WeightsUnpickler error:", on the same line ("Unsupported global: ...") or on
+    the next ones ("Unsupported operand 207"); it ends before "Check the documentation" and before the
+    "Please use `torch.serialization.add_safe_globals`" advice.
+    """
     message = _ANSI.sub("", str(error))
-    for line in message.splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.strip()
-    return message.strip()
+    _, found, reason = message.partition("WeightsUnpickler error:")
+    if not found:
+        return message.strip()
+    reason = reason.split("Check the documentation")[0].split(" Please use")[0]
+    return " ".join(reason.split())

@@ -68,12 +68,17 @@ def _resolve_one(file: WeightFile, folder: Path, download: bool) -> tuple[Path |
         if path.is_file():
             logger.info("Using %s from explicit path %s", file.filename, path)
             return path, ""
+        if path.is_dir():
+            return None, f"- {path}: is a directory, not a file.\n    {override} to the checkpoint file{_inside(path)}."
         return None, f"- {path}: explicit path does not exist.\n    {override} to an existing file."
 
     local = folder / file.filename
     if local.is_file():
         logger.info("Found %s in %s", file.filename, folder)
         return local, ""
+    if local.is_dir():
+        return None, (f"- {local} is a directory, not a file.\n    Move the checkpoint file{_inside(local)} to "
+                      f"that path, or {override} to it.")
 
     if file.repo_id is None:
         reason = "no hub repository is known for it"
@@ -94,6 +99,14 @@ def _resolve_one(file: WeightFile, folder: Path, download: bool) -> tuple[Path |
         ]
     lines.append(f"    Or put it in {folder}, or {override} to a copy you already have.")
     return None, "\n".join(lines)
+
+
+def _inside(folder: Path) -> str:
+    """ " inside it (a.pt, b.pt)" listing the checkpoint files a directory holds, for error messages."""
+    from lineareval.models.checkpoint import CHECKPOINT_SUFFIXES
+
+    found = sorted(str(item) for item in folder.iterdir() if item.suffix in CHECKPOINT_SUFFIXES)
+    return f" inside it ({', '.join(found[:5])})" if found else ""
 
 
 def _download(repo_id: str, filename: str, folder: Path) -> tuple[Path | None, str]:
