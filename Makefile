@@ -24,7 +24,7 @@ grid = $(SWEEP) +experiment=$(1) cache=full keep=1 $(ARGS) && $(SWEEP) +experime
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations perf
+.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations perf gpu-report
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -67,6 +67,9 @@ ablations: setup ## LineAR ablations on ImageNet FID (LlamaGen-XL): keep, anchor
 
 perf: setup ## CPU performance report into results/ (efficiency, roofline, per-step latency); OFFICIAL=path/to/LlamaGen adds the official loop
 	$(PY) scripts/perf_report.py $(if $(OFFICIAL),--official $(OFFICIAL),--skip-official)
+
+gpu-report: setup ## GPU efficiency report into results/ (about 8 minutes on one H100/H200): XL compiled and eager, max batch, Janus, Lumina, floors
+	$(PY) scripts/gpu_report.py $(ARGS)
 
 collect: setup ## gather every finished run under outputs/ into results/*.csv (beside the paper's numbers)
 	$(PY) scripts/collect.py outputs --out results
