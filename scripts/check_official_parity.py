@@ -37,7 +37,9 @@ from types import SimpleNamespace
 import torch
 
 from lineareval.cache.full import Full
-from lineareval.generators.llamagen import LlamaGenGenerator
+from lineareval.decoding.stepper import Stepper
+from lineareval.generators.base import Generator
+from lineareval.generators.llamagen import LlamaGenFamily
 from lineareval.models.checkpoint import load_into
 from lineareval.models.llamagen import LlamaGen, build_llamagen
 from lineareval.sampling import SamplingConfig
@@ -171,14 +173,15 @@ def logit_parity(reference, ours: LlamaGen, conditions: torch.Tensor, tokens: to
     with torch.device(device):
         reference.setup_caches(max_batch_size=sequences, max_seq_length=1 + num_visual,
                                dtype=reference.tok_embeddings.weight.dtype)
-    cache = ours.new_cache(Full(), num_visual, sequences)
+    stepper = Stepper(ours)
+    cache = stepper.new_cache(Full(), num_visual, sequences, ours.layout)
     cached = LogitDiff()
     official_logits, _ = reference(None, conditions, torch.arange(1, device=device))
-    cached.update(official_logits[:, -1], ours.prefill(conditions, cache), step=0)
+    cached.update(official_logits[:, -1], stepper.prefill(conditions, cache), step=0)
     for index in range(num_visual - 1):
         position = torch.tensor([1 + index], device=device, dtype=torch.int)
         official_logits, _ = reference(tokens[:, index : index + 1], None, position)
-        cached.update(official_logits[:, -1], ours.decode(tokens[:, index], index, cache), step=index + 1)
+        cached.update(official_logits[:, -1], stepper.decode(tokens[:, index], index, cache), step=index + 1)
     for layer in reference.layers:  # back to the cache-free path for later teacher-forced calls
         layer.attention.kv_cache = None
     return forward, cached
@@ -200,8 +203,9 @@ def generation_parity(official: SimpleNamespace, reference, ours: LlamaGen, labe
                                             temperature=1.0, top_k=1, top_p=1.0, sample_logits=True)
     synchronize(args.device)
     official_seconds = time.perf_counter() - start
-    generator = LlamaGenGenerator("official-parity", ours, None, SamplingConfig(args.cfg_scale, -1, 1.0, 1, 1.0),
-                                  "random")
+    family = LlamaGenFamily(ours.layout, ours.config.num_classes, None)
+    generator = Generator.assemble("official-parity", ours, family, SamplingConfig(args.cfg_scale, -1, 1.0, 1, 1.0),
+                                   "random")
     start = time.perf_counter()
     our_tokens = generator.generate(labels, torch.arange(len(labels), device=labels.device), Full(), num_visual,
                                     args.seed).tokens

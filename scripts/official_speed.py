@@ -31,8 +31,9 @@ import torch
 from check_official_parity import (DOWNSAMPLE, NUM_CLASSES, build_models, describe_device, import_official,
                                    official_generate_shims, synchronize)
 from lineareval.cache.full import Full
-from lineareval.generators.base import StepTimer
-from lineareval.generators.llamagen import LlamaGenGenerator
+from lineareval.decoding.decoder import StepTimer
+from lineareval.generators.base import Generator
+from lineareval.generators.llamagen import LlamaGenFamily
 from lineareval.record import environment_info
 from lineareval.sampling import SamplingConfig
 
@@ -107,7 +108,9 @@ def time_official(official, reference, labels: torch.Tensor, num_visual: int, de
 
 
 def time_ours(ours, labels: torch.Tensor, device: str, seed: int) -> tuple[float, list[float]]:
-    generator = LlamaGenGenerator("official-speed", ours, None, SamplingConfig(CFG_SCALE, -1, 1.0, 0, 1.0), "random")
+    family = LlamaGenFamily(ours.layout, ours.config.num_classes, None)
+    generator = Generator.assemble("official-speed", ours, family, SamplingConfig(CFG_SCALE, -1, 1.0, 0, 1.0),
+                                   "random")
     num_visual = ours.layout.num_visual
     timer = StepTimer(num_visual - 1, torch.device(device))
     synchronize(device)

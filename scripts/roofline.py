@@ -56,7 +56,7 @@ from omegaconf import OmegaConf
 from lineareval.cache import KVCache, ScoreNeed, TokenLayout
 from lineareval.config import call_target
 from lineareval.keep import parse_keep
-from lineareval.models.layers import Linear, pack_linears
+from lineareval.models.packed import Linear, pack_linears
 from lineareval.record import environment_info, load_record
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -144,10 +144,10 @@ def decode_shape(model: dict, prefix_len: int, guided: bool) -> DecodeShape:
             return DecodeShape(config.n_layer, config.n_head, config.head_dim, *counted,
                                TokenLayout(prefix_len, config.grid, config.grid))
         if target.startswith("lineareval.generators.janus"):
-            from lineareval.models.janus import JanusGenConfig, JanusGenerator
+            from lineareval.models.janus import JanusGenConfig, JanusImageLM
             from lineareval.models.llama import LlamaConfig
 
-            network = JanusGenerator(LlamaConfig(**model["text"]), JanusGenConfig(**model["gen"]))
+            network = JanusImageLM(LlamaConfig(**model["text"]), JanusGenConfig(**model["gen"]))
             lm = network.language_model
             counted = _counted([lm.layers, lm.norm, network.generation_aligner, network.generation_head],
                                [network.generation_embeddings])

@@ -54,7 +54,7 @@ def roundoff_tolerance(reference: torch.Tensor, depth: int) -> dict:
     below the differences a wrong computation makes (a stale weight, a token that should be masked).
     """
     unit_roundoff = torch.finfo(reference.dtype).eps / 2
-    return {"rtol": 0.0, "atol": 2 * depth * unit_roundoff * float(reference.abs().max())}
+    return {"rtol": 0.0, "atol": 2 * depth * unit_roundoff * float(reference.detach().abs().max())}
 
 
 def decoder_depth(layers: int, dim: int, ffn: int, head_dim: int, width: int, head_input: int | None = None) -> int:

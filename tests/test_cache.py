@@ -14,6 +14,7 @@ import torch
 
 from conftest import CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.cache import CachePolicy, EvictAt
+from lineareval.decoding.stepper import Stepper
 from lineareval.keep import parse_keep
 
 KEEPS = ["1/4", 21]  # a whole number of lines (16 of 64 tokens) and a budget that is not
@@ -45,15 +46,18 @@ def record_scores(policy: CachePolicy, scored: list[dict]) -> None:
 
 
 @torch.inference_mode()
-def run_policy(model, policy: CachePolicy, budget: int, labels: torch.Tensor, tokens: torch.Tensor) -> Trace:
+def run_policy(model, policy: CachePolicy, budget: int, labels: torch.Tensor, tokens: torch.Tensor,
+               stepper: Stepper | None = None) -> Trace:
+    """Teacher-forced sequential decoding of `tokens` (S, N) through the decoder's stepper (eager by default)."""
     layout = model.layout
+    stepper = stepper or Stepper(model)
     scored: list[dict] = []
     record_scores(policy, scored)
-    cache = model.new_cache(policy, budget, len(labels))
-    logits, visible, after, occupancy = [model.prefill(labels, cache)], [], [], []
+    cache = stepper.new_cache(policy, budget, len(labels), layout)
+    logits, visible, after, occupancy = [stepper.prefill(labels, cache)], [], [], []
     for index in range(layout.num_visual - 1):
         before = cache.visible_positions()
-        logits.append(model.decode(tokens[:, index], index, cache))
+        logits.append(stepper.decode(tokens[:, index], index, cache))
         for layer_map in before:
             layer_map[..., layout.prefix_len + index] = True
         visible.append(before)
@@ -236,23 +240,25 @@ def test_linear_scores_are_inter_line_attention(setup, policy_factory, score_sou
                                    **score_tolerance(model, layer, probabilities[layer]))
 
 
-def test_linear_line_ends_use_the_shared_causal_mask(setup, policy_factory):
+def test_linear_line_ends_use_the_shared_causal_mask(setup, policy_factory, monkeypatch):
     """Under the engine's schedule every line end masks with the shared (n, W) causal mask, and it gives
     exactly the probabilities of the mask built from each slot's position."""
+    from lineareval.cache.signals import LineState
+
     model, labels, tokens = setup
-    policy, used = policy_factory("linear"), []
-    original = policy.score
+    original, used = LineState.probabilities, []
 
-    def score(layer, context):
-        shared, mask = layer.line_probabilities(), layer.step.line_mask
+    def probabilities(self, layer):
+        mask = layer.step.line_mask
         used.append(mask is not None and mask.shape == (model.layout.line_len, layer.state.high_water))
-        layer.step.line_mask, layer._line_probs = None, None
-        assert torch.equal(shared, layer.line_probabilities())  # the per-slot path
+        shared = original(self, layer)
+        layer.step.line_mask, self._probabilities = None, None
+        assert torch.equal(shared, original(self, layer))  # the per-slot path
         layer.step.line_mask = mask
-        return original(layer, context)
+        return shared
 
-    object.__setattr__(policy, "score", score)
-    run_policy(model, policy, 16, labels, tokens)
+    monkeypatch.setattr(LineState, "probabilities", probabilities)
+    run_policy(model, policy_factory("linear"), 16, labels, tokens)
     assert len(used) > 0 and all(used)
 
 
@@ -290,7 +296,7 @@ def test_window_with_keep_1_equals_full(setup, policy_factory):
 def test_compressed_capacity_follows_the_budget(setup, policy_factory):
     model, _, _ = setup
     layout = model.layout
-    full = model.new_cache(policy_factory("full"), 64, 2)
-    linear = model.new_cache(policy_factory("linear"), 16, 2)
+    full = Stepper(model).new_cache(policy_factory("full"), 64, 2, layout)
+    linear = Stepper(model).new_cache(policy_factory("linear"), 16, 2, layout)
     assert full.state.capacity == 1 + 64 and linear.state.capacity == 1 + 16 + layout.line_len
     assert linear.capacity_bytes() < 0.5 * full.capacity_bytes()

@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from conftest import CACHE_CONFIGS, decoder_depth, roundoff_tolerance
 from lineareval.cache import TokenLayout
 from lineareval.cache.full import Full
+from lineareval.decoding.stepper import Stepper
+from lineareval.models.layers import TextPrefix
 from lineareval.keep import parse_keep
 from lineareval.models.checkpoint import CheckpointError
 from lineareval.models.chameleon import ChameleonLM, ChameleonLMConfig, load_chameleon_lm
@@ -145,11 +147,12 @@ def test_prefill_and_decode_match_the_full_forward(pair):
     prefix, layout = 4, TokenLayout(prefix_len=4, rows=2, line_len=3)
     ids = random_tokens((3, prefix + layout.num_visual), seed=3)
     expected = hf_logits(hf, ids)
-    cache = ours.new_cache(Full(), layout.num_visual, 3, layout)
-    steps = [ours.prefill(ids[:, :prefix], arange_positions(3, prefix), None, cache)]
+    stepper = Stepper(ours)
+    cache = stepper.new_cache(Full(), layout.num_visual, 3, layout)
+    steps = [stepper.prefill(TextPrefix(ids[:, :prefix], arange_positions(3, prefix), None), cache)]
     for index in range(layout.num_visual - 1):
         position = torch.full((3,), prefix + index)
-        steps.append(ours.decode(ids[:, prefix + index], position, index, cache))
+        steps.append(stepper.decode(ids[:, prefix + index], index, cache, position))
     close(torch.stack(steps, 1), expected[:, prefix - 1 : -1])
     assert cache.state.occupancy == prefix + layout.num_visual - 1
 
@@ -168,10 +171,11 @@ def test_left_padded_prompts_equal_each_prompt_alone(pair):
         present[row, padded - len(prompt):] = True
         positions[row, padded - len(prompt):] = torch.arange(len(prompt))  # real tokens start at 0
     ids[1, :2] = 7  # padding content must not matter
-    cache = ours.new_cache(Full(), layout.num_visual, 2, layout)
-    steps = [ours.prefill(ids, positions, present, cache)]
+    stepper = Stepper(ours)
+    cache = stepper.new_cache(Full(), layout.num_visual, 2, layout)
+    steps = [stepper.prefill(TextPrefix(ids, positions, present), cache)]
     for index in range(layout.num_visual - 1):
-        steps.append(ours.decode(generated[:, index], torch.tensor(lengths) + index, index, cache))
+        steps.append(stepper.decode(generated[:, index], index, cache, torch.tensor(lengths) + index))
     steps = torch.stack(steps, 1)
     assert torch.isfinite(steps).all()
     for row, prompt in enumerate(prompts):
@@ -191,13 +195,14 @@ def test_every_policy_equals_the_forward_with_evicted_tokens_masked(pair, policy
     present = torch.tensor([[True, True, True], [False, True, True]])
     positions = (torch.arange(total) - (~present).sum(1, keepdim=True)).clamp(min=0)  # (S, T)
     budget = layout.num_visual if name == "full" else parse_keep("1/2").budget(layout.num_visual)
-    cache = ours.new_cache(policy_factory(name), budget, sequences, layout)
-    steps = [ours.prefill(ids[:, :3], positions[:, :3], present, cache)]
+    stepper = Stepper(ours)
+    cache = stepper.new_cache(policy_factory(name), budget, sequences, layout)
+    steps = [stepper.prefill(TextPrefix(ids[:, :3], positions[:, :3], present), cache)]
     visible = []
     for index in range(layout.num_visual - 1):
         before = cache.visible_positions()  # [layer] (S, H, P + N) before this step's token is written
         token = layout.prefix_len + index
-        steps.append(ours.decode(ids[:, token], positions[:, token], index, cache))
+        steps.append(stepper.decode(ids[:, token], index, cache, positions[:, token]))
         visible.append([layer_map[..., :total].clone().index_fill_(-1, torch.tensor(token), True)
                         for layer_map in before])
     masks = []

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
+from lineareval.decoding.stepper import Stepper
 from lineareval.keep import parse_keep
 from lineareval.runner import build_generator, build_policy
 from test_cache import oracle_masks, run_policy
@@ -25,29 +26,31 @@ def cases():
 
 
 @pytest.fixture(scope="module")
-def compiled_model():
+def compiled():
     torch._dynamo.reset()
     model = tiny_llamagen(grid=8)
-    model.compile_decode()
-    return model
+    stepper = Stepper(model)
+    stepper.compile("cpu")
+    return model, stepper
 
 
 @pytest.mark.parametrize("name, keep", list(cases()))
-def test_compiled_decoding_passes_the_oracle_and_equals_eager(compiled_model, policy_factory, name, keep):
+def test_compiled_decoding_passes_the_oracle_and_equals_eager(compiled, policy_factory, name, keep):
+    compiled_model, stepper = compiled
     generator = torch.Generator().manual_seed(1)
     labels = torch.tensor([3, 7, 10, 10])
     tokens = torch.randint(0, compiled_model.config.vocab_size, (4, compiled_model.layout.num_visual),
                            generator=generator)
     budget = parse_keep(keep).budget(compiled_model.layout.num_visual)
-    compiled = run_policy(compiled_model, policy_factory(name), budget, labels, tokens)
+    trace = run_policy(compiled_model, policy_factory(name), budget, labels, tokens, stepper)
     eager = run_policy(tiny_llamagen(grid=8), policy_factory(name), budget, labels, tokens)
-    oracle = compiled_model(labels, tokens[:, :-1], oracle_masks(compiled, compiled_model.layout.prefix_len))
+    oracle = compiled_model(labels, tokens[:, :-1], oracle_masks(trace, compiled_model.layout.prefix_len))
     tolerance = roundoff_tolerance(oracle, llamagen_depth(compiled_model))
-    torch.testing.assert_close(compiled.logits, oracle, **tolerance)
-    torch.testing.assert_close(compiled.logits, eager.logits, **tolerance)
-    for compiled_maps, eager_maps in zip(compiled.after, eager.after):  # the same evictions, step by step
+    torch.testing.assert_close(trace.logits, oracle, **tolerance)
+    torch.testing.assert_close(trace.logits, eager.logits, **tolerance)
+    for compiled_maps, eager_maps in zip(trace.after, eager.after):  # the same evictions, step by step
         assert all(torch.equal(a, b) for a, b in zip(compiled_maps, eager_maps))
-    assert compiled_model.decoding.compiled
+    assert stepper.compiled
 
 
 @pytest.mark.slow
@@ -57,7 +60,7 @@ def test_compiled_generator_samples_the_same_tokens(make_config):
     for compile in (False, True):
         cfg = make_config("weights=random", "model.image_size=128", f"compile={compile}", "cache=linear")
         generator = build_generator(cfg, torch.device("cpu"), torch.float32)
-        assert generator.compiled is compile and generator.gpt.decoding.compiled is compile
+        assert generator.compiled is compile and generator.decoder.stepper.compiled is compile
         tokens[compile] = generator.generate(torch.tensor([1, 2]), torch.arange(2), build_policy(cfg.cache), 24,
                                              seed=3).tokens
     assert torch.equal(tokens[False], tokens[True])
@@ -68,11 +71,12 @@ def test_cuda_graph_mode_reuses_one_cache_and_resets_it(policy_factory):
     model = tiny_llamagen(grid=8)
     labels, tokens = torch.tensor([3, 10]), torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(2))
     fresh = run_policy(model, policy_factory("linear"), 24, labels, tokens)
-    model.decoding.cuda_graphs = True  # the GPU bookkeeping without a GPU (the step itself stays eager)
-    first = model.new_cache(policy_factory("linear"), 24, 2)
+    stepper, layout = Stepper(model), model.layout
+    stepper.cuda_graphs = True  # the GPU bookkeeping without a GPU (the step itself stays eager)
+    first = stepper.new_cache(policy_factory("linear"), 24, 2, layout)
     assert first.state.width_multiple == 64
-    again = run_policy(model, policy_factory("linear"), 24, labels, tokens)  # the same cache, used and reset
-    assert model.new_cache(policy_factory("linear"), 24, 2) is first
-    assert model.new_cache(policy_factory("linear"), 32, 2) is not first  # another budget: a new cache
+    again = run_policy(model, policy_factory("linear"), 24, labels, tokens, stepper)  # the same cache, reset
+    assert stepper.new_cache(policy_factory("linear"), 24, 2, layout) is first
+    assert stepper.new_cache(policy_factory("linear"), 32, 2, layout) is not first  # another budget: a new cache
     torch.testing.assert_close(again.logits, fresh.logits, **roundoff_tolerance(fresh.logits, llamagen_depth(model)))
     assert all(torch.equal(a, b) for a, b in zip(again.after[-1], fresh.after[-1]))

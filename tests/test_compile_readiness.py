@@ -3,7 +3,7 @@
 CUDA graphs replay a recorded step: the step must be one graph (no graph break), compiled a bounded
 number of times, and must never wait for the host (no `.item()`, `.tolist()`, `bool(tensor)`, no
 output whose shape depends on tensor values). A whole generation runs with the decode step compiled
-by `DecodeStep.compile` (the `compile=true` path: `fullgraph=True`, dynamic sizes) under a backend
+by `Stepper.compile` (the `compile=true` path: `fullgraph=True`, dynamic sizes) under a backend
 that records every ATen graph instead of generating code, then:
 
 - dynamo counted no graph break, and `fullgraph=True` turns any break into an error (but not a scalar
@@ -92,20 +92,11 @@ def tiny_generator(make_config, family: str, policy: str, *extra: str):
     return generator, build_policy(cfg.cache)
 
 
-def decode_step_of(generator):
-    """The model's DecodeStep (LlamaGen: the GPT; Janus: its language model; Lumina: the Chameleon LM)."""
-    for name in ("gpt", "network"):
-        module = getattr(generator, name, None)
-        if module is not None:
-            return getattr(module, "decoding", None) or module.language_model.decoding
-    raise AssertionError(f"no decode step on {type(generator).__name__}")
-
-
 def compiled_generation(generator, policy, keep: str, recorder, *, width_multiple: int = 1):
-    """A whole generation (two images) with the decode step compiled through DecodeStep.compile."""
+    """A whole generation (two images) with the decode step compiled through Stepper.compile."""
     torch._dynamo.reset()
     counters.clear()
-    step = decode_step_of(generator)
+    step = generator.decoder.stepper
     step.compile("cpu", backend=recorder)
     if width_multiple > 1:  # the CUDA-graph bookkeeping (bucketed widths, masked steps) without a GPU
         step.cuda_graphs, step.width_multiple = True, width_multiple
@@ -167,7 +158,7 @@ def test_text_models_decode_step_is_ready(make_config, family, policy):
 # ---- negative controls: each check fails on a step that breaks it ---------------------------------------
 
 def test_a_graph_break_inside_the_step_is_an_error(make_config, monkeypatch):
-    """`fullgraph=True` in DecodeStep.compile: a break is an error, never a silent split into several graphs."""
+    """`fullgraph=True` in Stepper.compile: a break is an error, never a silent split into several graphs."""
     original = LayerKV.attend
 
     def attend_with_a_break(self, query):
@@ -214,11 +205,11 @@ def test_a_data_dependent_shape_is_found_in_the_graph(make_config, monkeypatch):
 
 def test_without_the_spare_slot_the_last_widths_compile_again(make_config, monkeypatch):
     """The bound is tight for a reason: a store exactly `capacity` wide specialises width == capacity."""
-    from lineareval.models.layers import DecodeStep
+    from lineareval.decoding import stepper
 
-    original = DecodeStep.new_cache
-    monkeypatch.setattr(DecodeStep, "new_cache", lambda self, build, *args: original(
-        self, lambda **options: build(**{**options, "spare_slot": False}), *args))
+    original = stepper.KVCache
+    monkeypatch.setattr(stepper, "KVCache", lambda *args, **options: original(*args, **{**options,
+                                                                                        "spare_slot": False}))
     generator, built = tiny_generator(make_config, "llamagen", "linear")
     recorder = GraphRecorder()
     compiled_generation(generator, built, "1/3", recorder)

@@ -81,7 +81,7 @@ def test_committed_checkpoint_loads_strictly_and_matches_its_training_config():
     assert generator.weight_files == [str(DEMO_DIR / GPT_FILE), str(DEMO_DIR / VQ_FILE)]
     assert sum((DEMO_DIR / name).stat().st_size for name in (GPT_FILE, VQ_FILE)) <= 20 * 2**20
     stored = load_state_dict_file(DEMO_DIR / GPT_FILE)
-    loaded = generator.gpt.state_dict()
+    loaded = generator.model.state_dict()
     assert set(stored) == set(loaded) and all(torch.equal(stored[key], loaded[key]) for key in stored)
     trained = json.loads((DEMO_DIR / "train_config.json").read_text())
     model = cfg.model
@@ -151,7 +151,7 @@ def kids() -> dict[str, float]:
     reference = extract_features(make_crops(2 * SAMPLES, SIZE, "heldout", seed=1)[0], extractor, progress=False)
     trained = build_generator(_compose(), torch.device("cpu"), torch.float32)
     untrained = build_generator(_compose(), torch.device("cpu"), torch.float32)
-    initialise_random([untrained.gpt], seed=0)
+    initialise_random([untrained.model], seed=0)
 
     def score(generator, cache: str, keep: str) -> float:
         policy = build_policy(_compose(f"cache={cache}").cache)

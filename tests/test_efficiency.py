@@ -185,7 +185,7 @@ def test_roofline_counts_janus_and_lumina_from_their_modules(make_config):
         generator = build_generator(cfg, torch.device("cpu"), torch.float32)
         model = OmegaConf.to_container(cfg.model, resolve=True)
         shape = roofline.decode_shape(model, prefix_len=7, guided=True)
-        network = generator.network
+        network = generator.model
         decoder = network.language_model if family == "janus" else network.model
         heads = [network.generation_aligner, network.generation_head] if family == "janus" else [network.lm_head]
         matrices = sum(m.weight.numel() for root in [decoder.layers, *heads] for m in root.modules()

@@ -9,9 +9,12 @@ from transformers import JanusConfig, JanusForConditionalGeneration
 from conftest import CACHE_CONFIGS, decoder_depth, roundoff_tolerance
 from lineareval.cache import ScoreNeed, TokenLayout
 from lineareval.cache.full import Full
-from lineareval.generators.janus import JanusAdapter
+from lineareval.decoding.stepper import Stepper
+from lineareval.generators.base import Generator
+from lineareval.generators.janus import JanusFamily
+from lineareval.models.layers import TextPrefix
 from lineareval.models.checkpoint import CheckpointError
-from lineareval.models.janus import load_janus
+from lineareval.models.janus import load_janus_networks as load_janus
 from lineareval.models.llama import prefix_mask
 from lineareval.sampling import SamplingConfig
 
@@ -57,17 +60,18 @@ def janus(tmp_path_factory):
     return reference, network, vqmodel, folder
 
 
-def adapter(janus, top_k: int = 1, cfg_scale: float = 5.0) -> JanusAdapter:
+def adapter(janus, top_k: int = 1, cfg_scale: float = 5.0) -> Generator:
     _, network, vqmodel, _ = janus
-    return JanusAdapter("janus_tiny", network, vqmodel, StubTokenizer(), SamplingConfig(cfg_scale, -1, 1.0, top_k, 1.0),
-                        "checkpoint")
+    family = JanusFamily(StubTokenizer(), vqmodel, network.gen_config.num_patches, torch.device("cpu"))
+    return Generator.assemble("janus_tiny", network, family, SamplingConfig(cfg_scale, -1, 1.0, top_k, 1.0),
+                              "checkpoint")
 
 
 @pytest.mark.parametrize("prompts", [["a red apple", "a red apple"], ["a red apple", "two cats on a long sofa"]],
                          ids=["same-prompt", "padded-prompts"])
 def test_greedy_generation_equals_transformers(janus, prompts):
     reference = janus[0]
-    ids, present = adapter(janus).prefix_batch(prompts)
+    ids, present = adapter(janus).family.prefix_batch(prompts)
     batch = len(prompts)
     expected = reference.generate(ids[:batch], attention_mask=present[:batch].long(), generation_mode="image",
                                   do_sample=False, guidance_scale=5.0)
@@ -90,20 +94,20 @@ def test_images_decode_with_the_checkpoint_vq(janus):
 def test_policy_equals_masked_full_attention(janus, policy_factory, name):
     """Oracle with padded prompts and [cond; uncond] rows: cached logits == forward with evicted tokens masked."""
     runner = adapter(janus, top_k=0)
-    network, model = runner.network, runner.network.language_model
-    ids, present = runner.prefix_batch(["a red apple", "two cats on a long sofa"])
+    network, model = runner.model, runner.model.language_model
+    ids, present = runner.family.prefix_batch(["a red apple", "two cats on a long sofa"])
     rows, prefix, num_visual = ids.shape[0], ids.shape[1], runner.layout.num_visual
     tokens = torch.randint(0, 64, (rows, num_visual), generator=torch.Generator().manual_seed(2))
     layout = TokenLayout(prefix, runner.layout.rows, runner.layout.line_len)
-    cache = model.new_cache(policy_factory(name), num_visual if name == "full" else 14, rows, layout)
+    stepper = Stepper(network)
+    cache = stepper.new_cache(policy_factory(name), num_visual if name == "full" else 14, rows, layout)
     lengths, prefix_positions = present.sum(1), (present.cumsum(1) - 1).clamp(min=0)
     with torch.inference_mode():
-        logits = [network.image_logits(model.prefill(network.embed_text(ids), prefix_positions, present, cache))]
+        logits = [stepper.prefill(TextPrefix(ids, prefix_positions, present), cache)]  # the image head's logits
         visible = []
         for index in range(num_visual - 1):
             before = cache.visible_positions()
-            logits.append(network.image_logits(model.decode(network.embed_image(tokens[:, index]), lengths + index,
-                                                            index, cache)))
+            logits.append(stepper.decode(tokens[:, index], index, cache, lengths + index))
             for layer_map in before:
                 layer_map[..., prefix + index] = True
             visible.append(before)

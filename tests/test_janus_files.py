@@ -13,9 +13,10 @@ import torch
 from safetensors.torch import save_file
 from transformers import JanusForConditionalGeneration
 
-from lineareval.generators.janus import JanusAdapter, build_janus
+from lineareval.generators.base import Generator
+from lineareval.generators.janus import load_janus as build_janus
 from lineareval.models.checkpoint import CheckpointError
-from lineareval.models.janus import load_janus
+from lineareval.models.janus import load_janus_networks as load_janus
 from lineareval.runner import run
 from test_janus import tiny_config
 from tokenizer_files import JANUS_SPECIAL, write_byte_level_tokenizer, write_janus_tokenizer
@@ -166,7 +167,7 @@ def test_folder_without_weights_lists_both_formats(make_config, reference, tmp_p
         run(make_config("model=janus_pro_1b", f"model.path={folder}", "prompt=a red apple"))
 
 
-def _build(folder: Path, **overrides) -> JanusAdapter:
+def _build(folder: Path, **overrides) -> Generator:
     options = dict(name="janus", path=str(folder), weights="checkpoint", weights_dir=str(folder.parent),
                    device="cpu", dtype=torch.float32, text={"vocab_size": 300}, gen={"num_patches": PATCHES}, vq={},
                    sampling={"cfg_scale": 5.0, "cfg_interval": -1, "temperature": 1.0, "top_k": 0, "top_p": 1.0})
@@ -191,7 +192,7 @@ def test_prompt_is_stripped_and_starts_with_bos_as_officially(reference, tmp_pat
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (folder / name).unlink()
     write_janus_tokenizer(folder, post_bos=post_bos)
-    adapter = _build(folder)
+    adapter = _build(folder).family
     user, assistant, bos, boi = (JANUS_SPECIAL[name] for name in ("<|User|>", "<|Assistant|>",
                                                                   "<｜begin▁of▁sentence｜>", "<begin_of_image>"))
     expected = [bos, user, *_symbols(": a red apple\n\n"), assistant, *_symbols(":"), boi]
@@ -206,7 +207,7 @@ def test_unconditional_rows_use_the_pad_token_by_name(reference, tmp_path):
         if not item.name.startswith(("tokenizer", "special_tokens")):
             (folder / item.name).symlink_to(item)
     write_janus_tokenizer(folder, pad="<｜end▁of▁sentence｜>")
-    adapter = _build(folder)
+    adapter = _build(folder).family
     assert adapter.tokenizer.pad_token_id == JANUS_SPECIAL["<｜end▁of▁sentence｜>"]
     ids, present = adapter.prefix_batch(["a red apple"])
     cond, uncond = ids.tolist()

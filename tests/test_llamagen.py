@@ -36,24 +36,24 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_checkpoint_round_trip_in_each_official_layout(make_config, tiny_generator, tmp_path, layout):
     gpt_path, vq_path = tmp_path / "gpt.pt", tmp_path / "vq.pt"
-    torch.save(LAYOUTS[layout](tiny_generator.gpt.state_dict()), gpt_path)
-    torch.save({"model": tiny_generator.vq.state_dict()}, vq_path)
+    torch.save(LAYOUTS[layout](tiny_generator.model.state_dict()), gpt_path)
+    torch.save({"model": tiny_generator.family.vq.state_dict()}, vq_path)
     loaded = build(make_config(f"model.gpt_ckpt={gpt_path}", f"model.vq_ckpt={vq_path}", "seed=5"))
     assert loaded.weights == "checkpoint" and loaded.weight_files == [str(gpt_path), str(vq_path)]
     labels, tokens = torch.tensor([1, 4]), torch.randint(0, 1024, (2, 20))
     with torch.inference_mode():
-        torch.testing.assert_close(loaded.gpt(labels, tokens), tiny_generator.gpt(labels, tokens), rtol=0, atol=0)
+        torch.testing.assert_close(loaded.model(labels, tokens), tiny_generator.model(labels, tokens), rtol=0, atol=0)
         codes = torch.randint(0, 1024, (1, 256))
         torch.testing.assert_close(loaded.decode_images(codes), tiny_generator.decode_images(codes), rtol=0, atol=0)
 
 
 def test_mismatched_checkpoint_names_the_keys(make_config, tiny_generator, tmp_path):
-    state = tiny_generator.gpt.state_dict()
+    state = tiny_generator.model.state_dict()
     state.pop("layers.1.ffn_norm.weight")
     state["layers.0.attention.wqkv.weight"] = torch.zeros(3, 3)
     state["extra.bias"] = torch.zeros(2)
     torch.save({"model": state}, tmp_path / "gpt.pt")
-    torch.save({"model": tiny_generator.vq.state_dict()}, tmp_path / "vq.pt")
+    torch.save({"model": tiny_generator.family.vq.state_dict()}, tmp_path / "vq.pt")
     cfg = make_config(f"model.gpt_ckpt={tmp_path / 'gpt.pt'}", f"model.vq_ckpt={tmp_path / 'vq.pt'}")
     with pytest.raises(CheckpointError) as error:
         build(cfg)

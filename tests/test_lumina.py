@@ -14,7 +14,10 @@ from tokenizers.pre_tokenizers import ByteLevel
 
 from conftest import CACHE_CONFIGS, decoder_depth, roundoff_tolerance
 from lineareval.cache import TokenLayout
-from lineareval.generators.lumina import LuminaAdapter, LuminaTokens
+from lineareval.decoding.stepper import Stepper
+from lineareval.generators.base import Generator
+from lineareval.generators.lumina import LuminaFamily, LuminaTokens
+from lineareval.models.layers import TextPrefix
 from lineareval.models.chameleon import ChameleonLM, ChameleonLMConfig
 from lineareval.models.llama import prefix_mask
 from lineareval.keep import parse_keep
@@ -49,9 +52,9 @@ def network() -> ChameleonLM:
     return model.float().eval()
 
 
-def adapter(network, resolution: int = 128, top_k: int = 50) -> LuminaAdapter:
-    return LuminaAdapter("lumina_tiny", network, StubTokenizer(), SamplingConfig(4.0, -1, 1.0, top_k, 1.0), "random",
-                         resolution, TOKENS)
+def adapter(network, resolution: int = 128, top_k: int = 50) -> Generator:
+    family = LuminaFamily(StubTokenizer(), resolution, torch.device("cpu"), TOKENS)
+    return Generator.assemble("lumina_tiny", network, family, SamplingConfig(4.0, -1, 1.0, top_k, 1.0), "random")
 
 
 def test_layout_rows_end_with_new_line_and_linear_evicts_right_after_them(network, policy_factory):
@@ -67,14 +70,14 @@ def test_layout_rows_end_with_new_line_and_linear_evicts_right_after_them(networ
     grew = [index for index in range(1, len(evictions)) if evictions[index] > evictions[index - 1]]
     assert grew and all(tokens[0, index] == TOKENS.new_line for index in grew)  # the token just fed ended a row
     assert len(generation.caches) == 2 and all(cache.state.evictions > 0 for cache in generation.caches)
-    header = lumina.image_header()
+    header = lumina.family.image_header()
     assert header == [300, 310 + 4, 310 + 4]
 
 
 def test_paper_budgets_at_keep_1_8():
     """keep=1/8 gives the paper's B = 294 (768 px, line 49) and 520 (1024 px, line 65)."""
     for resolution, line, budget in [(768, 49, 294), (1024, 65, 520)]:
-        layout = LuminaAdapter("lumina", None, None, None, "random", resolution).layout
+        layout = LuminaFamily(None, resolution, torch.device("cpu")).layout
         assert layout.line_len == line and parse_keep("1/8").budget(layout.num_visual) == budget
 
 
@@ -82,12 +85,13 @@ def replay(network, ids, positions, present, tokens, policy, budget, line_len):
     """Cached logits (S, N, V) and the visibility of every decode step, feeding `tokens`."""
     rows, prefix = ids.shape
     layout = TokenLayout(prefix, tokens.shape[1] // line_len, line_len)
-    cache = network.new_cache(policy, budget, rows, layout)
+    stepper = Stepper(network)
+    cache = stepper.new_cache(policy, budget, rows, layout)
     lengths = positions[:, -1] + 1
-    logits, visible = [network.prefill(ids, positions, present, cache)], []
+    logits, visible = [stepper.prefill(TextPrefix(ids, positions, present), cache)], []
     for index in range(tokens.shape[1] - 1):
         before = cache.visible_positions()
-        logits.append(network.decode(tokens[:, index], lengths + index, index, cache))
+        logits.append(stepper.decode(tokens[:, index], index, cache, lengths + index))
         for layer_map in before:
             layer_map[..., prefix + index] = True
         visible.append(before)
@@ -99,8 +103,8 @@ def test_both_cfg_caches_equal_masked_full_attention(network, policy_factory, na
     lumina = adapter(network)
     generation = lumina.generate(["a red apple", "two cats"], torch.arange(2), policy_factory(name), 72, seed=2)
     tokens, budget = generation.tokens, 72 if name == "full" else 24
-    cond_ids, cond_present = lumina.prefix_batch(["a red apple", "two cats"])
-    header = torch.tensor(lumina.image_header()).expand(2, -1)
+    cond_ids, cond_present = lumina.family.prefix_batch(["a red apple", "two cats"])
+    header = torch.tensor(lumina.family.image_header()).expand(2, -1)
     contexts = {"cond": (cond_ids, (cond_present.cumsum(1) - 1).clamp(min=0), cond_present),
                 "uncond": (header, torch.arange(3).expand(2, -1), torch.ones_like(header, dtype=torch.bool))}
     with torch.inference_mode():
@@ -174,11 +178,10 @@ def test_vqgan_safetensors_alone_is_enough_to_decode(make_config, lumina_folders
     assert np.load(Path(cfg.run_dir) / "samples.npz")["arr_0"].shape == (1, 8, 8, 3)
 
 
-def _tokenizer_adapter(network, folder: Path) -> LuminaAdapter:
+def _tokenizer_adapter(network, folder: Path) -> LuminaFamily:
     from transformers import AutoTokenizer
 
-    return LuminaAdapter("lumina", network, AutoTokenizer.from_pretrained(folder),
-                         SamplingConfig(4.0, -1, 1.0, 50, 1.0), "random", 128)
+    return LuminaFamily(AutoTokenizer.from_pretrained(folder), 128, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("post_bos", [False, True], ids=["tokenizer-adds-nothing", "tokenizer-adds-bos"])
@@ -203,7 +206,7 @@ RANDOM_FROM_FILES = dict(name="lumina", resolution=64, sampling={"cfg_scale": 4.
 def test_tokenizer_that_drops_spaces_stops_with_the_transformers_version(tmp_path):
     import transformers
 
-    from lineareval.generators.lumina import build_lumina
+    from lineareval.generators.lumina import load_lumina as build_lumina
 
     folder = write_lumina_tokenizer(tmp_path / "Lumina-tok", drop_spaces=True)
     with pytest.raises(ValueError) as error:
@@ -216,14 +219,14 @@ def test_tokenizer_that_drops_spaces_stops_with_the_transformers_version(tmp_pat
 
 
 def test_layout_token_ids_are_checked_against_text_tokenizer_json(tmp_path, lumina_folders):
-    from lineareval.generators.lumina import build_lumina
+    from lineareval.generators.lumina import load_lumina as build_lumina
 
     _, chameleon = lumina_folders
     folder = _chameleon_dir(tmp_path, chameleon, "text_tokenizer.json")
     tokenizer = write_lumina_tokenizer(tmp_path / "tok")
     adapter = build_lumina(path=str(tokenizer), weights_dir=str(tmp_path), chameleon_dir=str(folder),
                            decode_images=False, **RANDOM_FROM_FILES)
-    assert adapter.tokens == LuminaTokens()  # the released ids agree with the vocabulary
+    assert adapter.family.tokens == LuminaTokens()  # the released ids agree with the vocabulary
     document = json.loads((folder / "text_tokenizer.json").read_text())
     vocab = document["model"]["vocab"]
     vocab["<reserved08799>"], vocab["<reserved08802>"] = 8802, 8803  # a vocabulary that disagrees

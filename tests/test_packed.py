@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from conftest import llamagen_depth, roundoff_tolerance, tiny_llamagen
-from lineareval.models import layers
-from lineareval.models.layers import Linear, pack_linears, unpack_linears
+from lineareval.decoding.stepper import Stepper
+from lineareval.models import packed as layers
+from lineareval.models.packed import Linear, pack_linears, unpack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="PyTorch built without MKL")
 
@@ -73,13 +74,15 @@ def test_no_packing_when_a_second_copy_would_crowd_memory(monkeypatch, caplog):
     assert pack_linears(model, rows=8) == weights and packed_linears(model)
 
 
-def generate_logits(model, policy, budget: int, labels: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def generate_logits(model, policy, budget: int, labels: torch.Tensor, tokens: torch.Tensor,
+                    stepper: Stepper | None = None) -> torch.Tensor:
     """Teacher-forced decoding of `tokens` (B, N); the logits of every step (S, N, V). The same tokens for
     both runs compared: a near tie would flip a greedy token and make the runs diverge on some CPUs."""
-    cache = model.new_cache(policy, budget, len(labels))
-    logits = [model.prefill(labels, cache)]
+    stepper = stepper or Stepper(model)
+    cache = stepper.new_cache(policy, budget, len(labels), model.layout)
+    logits = [stepper.prefill(labels, cache)]
     for index in range(model.layout.num_visual - 1):
-        logits.append(model.decode(tokens[:, index], index, cache))
+        logits.append(stepper.decode(tokens[:, index], index, cache))
     return torch.stack(logits, dim=1)
 
 
@@ -109,9 +112,10 @@ def test_compiled_decode_step_uses_the_packed_weights(policy_factory):
     tokens = random_tokens(eager, 2)
     reference = generate_logits(eager, policy_factory("linear"), 8, labels, tokens)
     compiled = tiny_llamagen(grid=4, layers=1)
-    compiled.compile_decode()
+    stepper = Stepper(compiled)
+    stepper.compile("cpu")
     with torch.profiler.profile() as profile:
-        out = generate_logits(compiled, policy_factory("linear"), 8, labels, tokens)
+        out = generate_logits(compiled, policy_factory("linear"), 8, labels, tokens, stepper)
     calls = {event.key: event.count for event in profile.key_averages()}
     steps = compiled.layout.num_visual - 1
     assert calls.get("lineareval::packed_linear", 0) >= 6 * steps  # wqkv, wo, w1, w2, w3, head: every step

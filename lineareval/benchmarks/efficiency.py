@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from lineareval.benchmarks.samples import Samples
 from lineareval.cache import CachePolicy
-from lineareval.generators.base import StepTimer
+from lineareval.decoding.decoder import StepTimer
 from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory, trim_heap
 from lineareval.record import write_csv_atomic

@@ -5,25 +5,32 @@ shape (S, H, C, ...) for S sequences (conditional and unconditional CFG rows are
 H heads and C slots. C is what the policy declares (full: prefix + N; compressing: prefix + B + slack),
 so memory follows the budget, not N. Softmax attention does not depend on slot order and positions
 are already rotated into the keys, so a token may sit in any slot: nothing is ever re-indexed.
+What a policy scores beyond positions and keys lives in the signals it declares (signals.py).
 
-Static shapes, so the decode step can be compiled: nothing is allocated or resized while decoding.
-Every step writes its token into one slot that the host knows, the same in every layer, sequence
-and head, and attention spans slots [0, width) without a mask as long as they are all occupied.
-What changes from step to step lives in small preallocated tensors (`StepInputs`: position, write
-slot, index within the line) or in host numbers that a compiled step reads (`CacheState.width`, a
-dynamic size; `CacheState.masked`, a boolean the compiler specialises on).
+Two ways to step:
 
-Two kinds of eviction keep that true:
-
-- by position (`window`, `streamingllm`: `selects_by_position`): every layer, sequence and head
-  evicts the same slots, so the host scores its own copy of the slot layout (`SlotTable`), frees
-  the victims everywhere with one indexed write per layer and writes the next token into them: no
-  top-k on the device, no device-to-host synchronisation;
-- per head (H2O, LineAR): one top-k per layer at the scoring point picks each (sequence, head)'s
-  victims, then the tokens written since the previous eviction (never victims themselves: both
-  policies protect them) move into the victims' slots. The occupied slots stay [0, occupancy), so the
-  next tokens are appended after them and attention needs no mask; the move copies at most one
-  line's slots per layer and line (one slot per step for H2O).
+- **one token per sequence** (sequential decoding, the fast path). Static shapes, so the step can be
+  compiled: every step writes its token into one slot that the host knows, the same in every layer,
+  sequence and head, and attention spans slots [0, width) without a mask as long as they are all
+  occupied. What changes from step to step lives in small preallocated tensors (`StepInputs`) or in
+  host numbers a compiled step reads (`CacheState.width`, a dynamic size; `CacheState.masked`, a
+  boolean the compiler specialises on). Two kinds of eviction keep that true:
+  - by position (`window`, `streamingllm`: `selects_by_position`): every layer, sequence and head
+    evicts the same slots, so the host scores its own copy of the slot layout (`SlotTable`), frees
+    the victims everywhere with one indexed write per layer and writes the next token into them;
+  - per head (H2O, LineAR): one top-k per layer at the scoring point picks each (sequence, head)'s
+    victims, then the tokens written since the previous eviction (never victims themselves: both
+    policies protect them) move into the victims' slots. The occupied slots stay [0, occupancy).
+- **a chunk of k tokens per sequence, then a commit** (speculative and Jacobi decoding; `begin_chunk`,
+  `commit`). The k tokens of each sequence are written at once after its own occupied slots and
+  attend causally among themselves; `commit(counts)` keeps the first `counts[s]` of sequence s and
+  rolls the rest back, leaving the store exactly as if only those had been written. Sequences commit
+  different counts, so from the first chunk on each keeps its own occupancy (`ragged`) and every
+  policy evicts per (sequence, head). Semantics: a chunk's queries see the cache as it was when the
+  chunk began plus the chunk's earlier tokens; at commit the committed tokens are taken in order, and
+  each one does what a sequential step would at that point: add its attention to accumulated scores,
+  and evict at a line end or, for per-step policies, whenever the budget is exceeded. Rolled-back
+  tokens leave no trace. This path runs eagerly.
 """
 
 from __future__ import annotations
@@ -31,12 +38,13 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lineareval.cache.policy import CachePolicy, EvictAt, EvictionContext, ScoreNeed, TokenLayout
+from lineareval.cache.policy import CachePolicy, CacheView, EvictAt, EvictionContext, TokenLayout
 from lineareval.memory import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -44,7 +52,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CacheState:
-    """Counters shared by all layers: occupancy is identical for every layer, head and sequence."""
+    """Counters shared by all layers: occupancy is identical for every layer and head (and, until the first
+    multi-token chunk, every sequence; after it, `row_*` hold each sequence's own counts)."""
 
     capacity: int
     occupancy: int = 0  # slots in use per (sequence, head)
@@ -59,6 +68,11 @@ class CacheState:
     always_masked: bool = False  # attend with the occupancy mask at every step (bucketed widths: one graph)
     peak_occupancy: int = 0
     evictions: int = 0
+    ragged: bool = False  # sequences keep their own counts (after a multi-token chunk)
+    row_occupancy: np.ndarray | None = field(default=None, repr=False)  # (S,) slots in use per sequence
+    row_visual: np.ndarray | None = field(default=None, repr=False)  # (S,) visual tokens in the cache
+    row_next: np.ndarray | None = field(default=None, repr=False)  # (S,) next visual index to write
+    chunk: int = 0  # tokens per sequence of the chunk being written
 
     @property
     def has_holes(self) -> bool:
@@ -74,6 +88,12 @@ class StepInputs:
         self.line_slot = torch.zeros(1, dtype=torch.long, device=device)  # its index within its line
         self.released = torch.zeros(1, dtype=torch.long, device=device)  # a slot freed by position
         self.line_mask: torch.Tensor | None = None  # at a line end: (n, W) causal mask of the line's queries
+        # a multi-token chunk: each sequence's slots, layout positions and visual indices (S, k); the
+        # causal visibility of its slots (S, 1, k, W), True = a chunk query may attend
+        self.chunk_slots: torch.Tensor | None = None
+        self.chunk_positions: torch.Tensor | None = None
+        self.chunk_visual: torch.Tensor | None = None
+        self.chunk_causal: torch.Tensor | None = None
 
 
 class SlotTable:
@@ -110,12 +130,14 @@ class SlotTable:
 
 
 def lowest_scores(keep_scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, prefix_len: int,
-                  count: int, kept_from: int | None = None) -> torch.Tensor:
+                  count: int, kept_from: int | torch.Tensor | None = None) -> torch.Tensor:
     """Slots of the `count` lowest keep-scores per row, never a free or prefix slot, nor one at or above
-    `kept_from`. (..., W) -> (..., count)."""
+    `kept_from` (an int, or (S, 1, 1) per sequence). (..., W) -> (..., count), lowest first."""
     protected = ~valid | (positions < prefix_len)
-    if kept_from is not None:
+    if isinstance(kept_from, int):
         protected[..., kept_from:] = True
+    elif kept_from is not None:
+        protected |= torch.arange(protected.shape[-1], device=protected.device) >= kept_from
     scores = keep_scores.float().masked_fill(protected, float("inf"))
     return scores.topk(count, dim=-1, largest=False).indices
 
@@ -128,29 +150,31 @@ class LayerKV:
     otherwise specialise on (width == C: a second graph, compiled again for the last steps).
     """
 
-    def __init__(self, state: CacheState, step: StepInputs, layout: TokenLayout, needs: ScoreNeed, *,
+    def __init__(self, state: CacheState, step: StepInputs, layout: TokenLayout, signals: dict, *,
                  sequences: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, spare: int = 0):
-        self.state, self.step, self.layout, self.needs = state, step, layout, needs
+        self.state, self.step, self.layout = state, step, layout
         shape = (sequences, heads, state.capacity + spare)
         self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         self.positions = torch.full(shape, -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(shape, dtype=torch.bool, device=device)
         self.scale = 1.0 / math.sqrt(head_dim)
-        # attention probability each slot received, accumulated (H2O; LineAR's cumulative score)
-        self.received = torch.zeros(shape, dtype=torch.float32, device=device) if needs is not ScoreNeed.NEVER else None
-        # queries of the current line, for LineAR's line-end scoring: (S, H, n, D)
-        self.line_queries = (torch.zeros(sequences, heads, layout.line_len, head_dim, dtype=dtype, device=device)
-                             if needs is ScoreNeed.LINE_END else None)
-        self._line_probs: torch.Tensor | None = None
+        self.signals = {name: spec.state(self) for name, spec in signals.items()}
+        self.explicit = any(signal.every_step for signal in self.signals.values())  # probabilities every step
+        self.buffers_queries = any(signal.line_queries for signal in self.signals.values())
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.keys, self.values, self.positions, self.valid, self.received, self.line_queries)
-                if t is not None]
+        return [self.keys, self.values, self.positions, self.valid,
+                *(t for signal in self.signals.values() for t in signal.tensors())]
 
     def slot_bytes(self) -> int:
-        """Bytes of one slot across sequences and heads (keys, values, position, mask)."""
-        return sum(t.element_size() * t.numel() // t.shape[2] for t in self.tensors() if t is not self.line_queries)
+        """Bytes of one slot across sequences and heads (the store and the per-slot signal state)."""
+        per_slot = [t for t in self.tensors() if t.dim() >= 3 and t.shape[2] == self.keys.shape[2]]
+        return sum(t.element_size() * t.numel() // t.shape[2] for t in per_slot)
+
+    def scoring_index(self) -> int | torch.Tensor:
+        """Visual index of the token whose scoring point this is: an int, or (S,) per sequence (ragged)."""
+        return self.step.scoring if self.state.ragged else self.state.visual_index
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -172,75 +196,69 @@ class LayerKV:
             self.state.padded = True  # the host never hands out prefix slots, so padding stays unused
 
     def append(self, key: torch.Tensor, value: torch.Tensor) -> None:
-        """Write this step's token into its slot in every sequence and head. key/value: (S, H, 1, D).
+        """Write this step's tokens. key/value: (S, H, k, D); one token per sequence into the step's slot, or a
+        chunk into each sequence's chunk slots.
 
         A compiled step indexes with the slot tensor (one graph for every slot); eager code writes the
         host's slot directly, about three times cheaper than `index_copy_` on a CPU."""
+        if self.state.ragged:
+            return self._append_chunk(key, value)
         if torch.compiler.is_compiling():
             slot = self.step.slot
             self.keys.index_copy_(2, slot, key)
             self.values.index_copy_(2, slot, value)
             self.positions.index_fill_(2, slot, self.step.position)
             self.valid.index_fill_(2, slot, True)
-            if self.received is not None:
-                self.received.index_fill_(2, slot, 0.0)
-            return
-        slot = self.state.slot
-        self.keys.narrow(2, slot, 1).copy_(key)
-        self.values.narrow(2, slot, 1).copy_(value)
-        self.positions.narrow(2, slot, 1).fill_(self.step.position)
-        self.valid.narrow(2, slot, 1).fill_(True)
-        if self.received is not None:
-            self.received.narrow(2, slot, 1).fill_(0.0)
+            written = slot
+        else:
+            written = self.state.slot
+            self.keys.narrow(2, written, 1).copy_(key)
+            self.values.narrow(2, written, 1).copy_(value)
+            self.positions.narrow(2, written, 1).fill_(self.step.position)
+            self.valid.narrow(2, written, 1).fill_(True)
+        for signal in self.signals.values():
+            signal.written(self, written)
+
+    def _append_chunk(self, key: torch.Tensor, value: torch.Tensor) -> None:
+        slots = self.step.chunk_slots  # (S, k)
+        heads, dim = key.shape[1], key.shape[3]
+        index = slots[:, None, :].expand(-1, heads, -1)  # (S, H, k)
+        self.keys.scatter_(2, index[..., None].expand(-1, -1, -1, dim), key)
+        self.values.scatter_(2, index[..., None].expand(-1, -1, -1, dim), value)
+        self.positions.scatter_(2, index, self.step.chunk_positions[:, None, :].expand(-1, heads, -1))
+        self.valid.scatter_(2, index, True)
+        for signal in self.signals.values():
+            signal.written(self, slots)
 
     # ---- attention -----------------------------------------------------------------------------
 
     def attend(self, query: torch.Tensor) -> torch.Tensor:
-        """Attention of one new query per sequence over the occupied slots. (S, H, 1, D) -> (S, H, 1, D)."""
+        """Attention of the step's queries over the occupied slots. (S, H, k, D) -> (S, H, k, D)."""
         width = self.state.width
         keys, values = self.keys[:, :, :width], self.values[:, :, :width]
-        mask = self.valid[:, :, None, :width] if self.state.masked else None
-        if self.line_queries is not None:
-            if torch.compiler.is_compiling():
-                self.line_queries.index_copy_(2, self.step.line_slot, query)
-            else:
-                self.line_queries.narrow(2, self.state.visual_index % self.layout.line_len, 1).copy_(query)
-        if self.needs is not ScoreNeed.EVERY_STEP:
+        if self.state.ragged:  # each sequence's chunk, causal among itself, after its own occupied slots
+            mask = self.valid[:, :, None, :width] & self.step.chunk_causal[..., :width]
+        else:
+            mask = self.valid[:, :, None, :width] if self.state.masked else None
+        if self.buffers_queries:
+            for signal in self.signals.values():
+                signal.queried(self, query)
+        if not self.explicit:
             return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
         # explicit probabilities from the same pass that produces the output (H2O)
-        logits = torch.matmul(query, keys.transpose(-1, -2)).float() * self.scale  # (S, H, 1, W)
+        logits = torch.matmul(query, keys.transpose(-1, -2)).float() * self.scale  # (S, H, k, W)
         if mask is not None:
             logits = logits.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
-        self.received[:, :, :width] += probs[:, :, 0]
+        for signal in self.signals.values():
+            if signal.every_step:
+                signal.attended(self, probs)  # in a chunk: kept until the commit says which queries count
         return torch.matmul(probs.to(values.dtype), values)
 
-    def line_probabilities(self) -> torch.Tensor:
-        """Attention probabilities of the just-finished line's queries, causal inside the line.
-
-        Returns (S, H, n, W) over slots [0, high_water). Computed once per line end, from buffered
-        queries, against the cache as it was while the line was generated (nothing is evicted
-        inside a line, so the cache holds exactly what each query saw, plus later line tokens that
-        the causal mask hides). When the line fills the last n slots in order below a hole-free,
-        unpadded store (always, under the engine's LineAR schedule) the mask is the engine's shared
-        (n, W) additive `StepInputs.line_mask`; otherwise it is built from the slots' positions.
-        """
-        if self._line_probs is None:
-            width, n = self.state.high_water, self.layout.line_len
-            logits = torch.matmul(self.line_queries, self.keys[:, :, :width].transpose(-1, -2)).float()
-            logits.mul_(self.scale)  # in place: no second (S, H, n, W) block
-            mask = self.step.line_mask
-            if mask is not None and mask.shape[-1] == width:
-                logits += mask
-            else:
-                last = self.layout.prefix_len + self.state.visual_index
-                query_positions = torch.arange(last - n + 1, last + 1, device=self.keys.device)  # (n,)
-                visible = self.valid[:, :, None, :width] & (self.positions[:, :, None, :width] <= query_positions[:, None])
-                logits.masked_fill_(~visible, float("-inf"))
-            self._line_probs = torch.softmax(logits, dim=-1)
-        return self._line_probs
-
     # ---- eviction ------------------------------------------------------------------------------
+
+    def view(self) -> CacheView:
+        return CacheView(self)
 
     def evict(self, keep_scores: torch.Tensor, count: int) -> None:
         """Evict the `count` lowest-scoring visual slots per (sequence, head) and move the tokens written
@@ -256,10 +274,35 @@ class LayerKV:
             source = store[:, :, moved].reshape(-1, dim)  # a copy, unless S = H = 1 makes it a view
             store.view(-1, dim).index_copy_(0, rows, source.clone() if source._is_view() else source)
         self.positions.scatter_(2, victims, self.positions[:, :, moved].clone())
-        if self.received is not None:
-            self.received.scatter_(2, victims, self.received[:, :, moved].clone())
+        sources = torch.arange(top, top + count, device=victims.device).expand_as(victims)
+        for signal in self.signals.values():
+            signal.moved(self, sources, victims, None)
         self.valid[:, :, moved] = False
         self.positions[:, :, moved] = -1
+
+    def evict_rows(self, keep_scores: torch.Tensor, counts: torch.Tensor, occupancy: torch.Tensor) -> None:
+        """`evict` with a count per sequence: the `counts[s]` lowest-scoring slots of sequence s take the tokens
+        of its top slots [occupancy[s] - counts[s], occupancy[s]). keep_scores (S, H, W); counts, occupancy (S,)."""
+        most = int(counts.max())
+        width = keep_scores.shape[-1]
+        top = (occupancy - counts)[:, None, None]  # (S, 1, 1)
+        victims = lowest_scores(keep_scores, self.positions[:, :, :width], self.valid[:, :, :width],
+                                self.layout.prefix_len, most, kept_from=top)  # (S, H, most)
+        rank = torch.arange(most, device=victims.device)
+        used = rank < counts[:, None, None]  # (S, 1, most): beyond a sequence's count, copy a slot onto itself
+        sources = (top + rank).clamp(max=self.keys.shape[2] - 1).expand_as(victims)
+        targets = torch.where(used, victims, sources)
+        dim = self.keys.shape[-1]
+        for store in (self.keys, self.values):
+            moved = store.gather(2, sources[..., None].expand(-1, -1, -1, dim))
+            store.scatter_(2, targets[..., None].expand(-1, -1, -1, dim), moved)
+        self.positions.scatter_(2, targets, self.positions.gather(2, sources))
+        for signal in self.signals.values():
+            signal.moved(self, sources, targets, used)
+        slot = torch.arange(self.keys.shape[2], device=victims.device)
+        freed = (slot >= top) & (slot < occupancy[:, None, None])  # (S, 1, C)
+        self.valid.masked_fill_(freed, False)
+        self.positions.masked_fill_(freed, -1)
 
     def release(self, slots: torch.Tensor) -> None:
         """Free the same slots (k,) in every sequence and head (eviction by position)."""
@@ -267,26 +310,42 @@ class LayerKV:
         self.positions.index_fill_(2, slots, -1)
 
     def end_step(self) -> None:
-        """Release the step's cached line probabilities ((S, H, n, W) fp32: large at big batches)."""
-        self._line_probs = None
+        """Release what is only valid at this scoring point (line probabilities: (S, H, n, W) fp32)."""
+        for signal in self.signals.values():
+            signal.end_step()
+
+    def reset(self) -> None:
+        self.valid.zero_()
+        self.positions.fill_(-1)
+        for signal in self.signals.values():
+            signal.reset()
 
 
 class KVCache:
     """Per-layer stores plus the policy's schedule. Models call `layers[i].append/attend` inside a step."""
 
     def __init__(self, policy: CachePolicy, layout: TokenLayout, budget: int, *, num_layers: int, sequences: int,
-                 heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str, spare_slot: bool = False):
-        """`spare_slot`: one never-used slot past the capacity per layer, for compiled steps (see LayerKV)."""
+                 heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str, spare_slot: bool = False,
+                 max_chunk: int = 1):
+        """`spare_slot`: one never-used slot past the capacity per layer, for compiled steps (see LayerKV).
+        `max_chunk`: the most tokens per sequence a chunk may hold (`begin_chunk`); a chunk of k needs k - 1
+        slots beyond the policy's capacity."""
         self.policy, self.layout, self.budget = policy, layout, budget
         self.device = torch.device(device)
-        self.state = CacheState(capacity=policy.capacity(layout, budget))
+        self.max_chunk = max_chunk
+        capacity = policy.capacity(layout, budget) + max_chunk - 1
+        self.state = CacheState(capacity=min(capacity, layout.prefix_len + layout.num_visual))
         self.step = StepInputs(self.device)
-        self.layers = [LayerKV(self.state, self.step, layout, policy.needs_scores, sequences=sequences, heads=heads,
+        self.layers = [LayerKV(self.state, self.step, layout, policy.signals(), sequences=sequences, heads=heads,
                                head_dim=head_dim, dtype=dtype, device=self.device, spare=int(spare_slot))
                        for _ in range(num_layers)]
         self.table = SlotTable(self.state)
 
-    # ---- schedule ------------------------------------------------------------------------------
+    @property
+    def sequences(self) -> int:
+        return self.layers[0].keys.shape[0]
+
+    # ---- schedule: one token per sequence ------------------------------------------------------
 
     def begin_prefix(self) -> None:
         prefix = self.layout.prefix_len
@@ -296,6 +355,8 @@ class KVCache:
     def begin_step(self, visual_index: int) -> torch.Tensor:
         """Reserve one slot per (sequence, head) for visual token `visual_index`; returns its position (0-d)."""
         state = self.state
+        if state.ragged:
+            raise RuntimeError("this cache has taken multi-token chunks: step it with begin_chunk/commit")
         if state.occupancy >= state.capacity:
             raise RuntimeError(f"cache overflow: {state.occupancy} slots in use of {state.capacity} "
                                f"(policy {self.policy.name} under-declared its slack)")
@@ -312,7 +373,7 @@ class KVCache:
         state.width = min(state.capacity, -(-state.high_water // multiple) * multiple)
         state.masked = state.always_masked or state.padded or state.has_holes or state.width > state.high_water
         self.step.position.fill_(position)
-        if self.policy.needs_scores is ScoreNeed.LINE_END:
+        if self.layers[0].buffers_queries:
             self.step.line_slot.fill_(visual_index % self.layout.line_len)
         return self.step.position
 
@@ -329,12 +390,12 @@ class KVCache:
             if excess > 0:
                 self._evict_by_position(context, excess)
         else:
-            if policy.needs_scores is ScoreNeed.LINE_END:
-                self.step.line_mask = self._line_mask()
+            self.step.line_mask = self._line_mask() if self.layers[0].buffers_queries else None
             for layer in self.layers:
-                policy.observe(layer, context)
+                view = layer.view()
+                policy.observe(view, context)
                 if excess > 0:
-                    layer.evict(policy.score(layer, context), excess)
+                    layer.evict(policy.score(view, context), excess)
                 layer.end_step()  # drop this layer's line probabilities before the next layer computes its own
             self.step.line_mask = None  # valid for this line end only
             if excess > 0:  # the moved tokens' old slots are free: occupied slots are [0, occupancy) again
@@ -363,7 +424,7 @@ class KVCache:
     def _evict_by_position(self, context: EvictionContext, count: int) -> None:
         """Score once on the host table and free the same slots in every layer, sequence and head."""
         table, width = self.table, self.state.high_water
-        scores = self.policy.score(table, context)
+        scores = self.policy.score(CacheView(table), context)
         victims = lowest_scores(scores, table.positions[:, :, :width], table.valid[:, :, :width],
                                 self.layout.prefix_len, count)[0, 0].tolist()
         table.release(victims)
@@ -374,6 +435,99 @@ class KVCache:
         for layer in self.layers:
             layer.release(slots)
 
+    # ---- schedule: chunks of tokens, then a commit ---------------------------------------------
+
+    def begin_chunk(self, visual_index: torch.Tensor, length: int) -> None:
+        """Reserve `length` slots per sequence for its visual tokens visual_index[s] .. + length - 1, written
+        after its own occupied slots. visual_index (S,) must be each sequence's next token (the first
+        uncommitted one). The step's queries then attend causally within the chunk (`LayerKV.attend`)."""
+        state = self.state
+        if not state.ragged:
+            self._become_ragged()
+        first = np.asarray(visual_index.cpu() if torch.is_tensor(visual_index) else visual_index, dtype=np.int64)
+        if not np.array_equal(first, state.row_next):
+            raise ValueError(f"chunk starts at visual tokens {first.tolist()} but the sequences' next tokens are "
+                             f"{state.row_next.tolist()}: commit (or roll back) the previous chunk first")
+        if not 1 <= length <= self.max_chunk or int(state.row_occupancy.max()) + length > state.capacity:
+            raise RuntimeError(f"a chunk of {length} tokens does not fit: max_chunk {self.max_chunk}, "
+                               f"{int(state.row_occupancy.max())} of {state.capacity} slots in use")
+        offsets = np.arange(length)
+        slots = state.row_occupancy[:, None] + offsets  # (S, k)
+        device = self.device
+        self.step.chunk_slots = torch.from_numpy(slots).to(device)
+        self.step.chunk_visual = torch.from_numpy(first[:, None] + offsets).to(device)
+        self.step.chunk_positions = self.step.chunk_visual + self.layout.prefix_len
+        state.chunk = length
+        state.high_water = max(state.high_water, int(slots.max()) + 1)
+        state.width = min(state.capacity, -(-state.high_water // state.width_multiple) * state.width_multiple)
+        state.peak_occupancy = max(state.peak_occupancy, int(slots.max()) + 1)
+        slot = torch.arange(state.width, device=device)
+        chunk_index = slot - self.step.chunk_slots[:, :1]  # (S, W): a slot's index within its sequence's chunk
+        self.step.chunk_causal = (chunk_index[:, None, :] <= torch.arange(length, device=device)[:, None])[:, None]
+
+    def commit(self, counts: torch.Tensor | list[int]) -> None:
+        """Keep the first counts[s] tokens of sequence s's chunk and roll back the rest; then, for the committed
+        tokens in order, the policy's schedule (accumulated attention, evictions) as sequential steps would."""
+        state = self.state
+        counts = np.asarray(counts.cpu() if torch.is_tensor(counts) else counts, dtype=np.int64)
+        if counts.shape != (self.sequences,) or (counts < 0).any() or (counts > state.chunk).any():
+            raise ValueError(f"commit counts {counts.tolist()} must be one per sequence in [0, {state.chunk}]")
+        first_free = state.row_occupancy + counts
+        slot = torch.arange(self.layers[0].keys.shape[2], device=self.device)
+        rolled = (slot >= torch.from_numpy(first_free).to(self.device)[:, None]) & (
+            slot < torch.from_numpy(state.row_occupancy + state.chunk).to(self.device)[:, None])  # (S, C)
+        for layer in self.layers:
+            layer.valid.masked_fill_(rolled[:, None], False)
+            layer.positions.masked_fill_(rolled[:, None], -1)
+        first_visual = state.row_next.copy()
+        state.row_occupancy = first_free
+        for order in range(int(counts.max(initial=0))):
+            self._commit_token(first_visual + order, order, counts > order)
+        state.row_next = first_visual + counts
+        state.high_water = int(state.row_occupancy.max())
+        for layer in self.layers:
+            for signal in layer.signals.values():
+                signal.end_chunk()
+        state.chunk = 0
+
+    def _commit_token(self, visual: np.ndarray, order: int, rows: np.ndarray) -> None:
+        """The schedule for chunk token `order` of the sequences `rows` (S,) bool: visual indices `visual` (S,)."""
+        state, layout, policy = self.state, self.layout, self.policy
+        state.row_visual = state.row_visual + rows
+        rows_tensor = torch.from_numpy(rows).to(self.device)
+        for layer in self.layers:
+            for signal in layer.signals.values():
+                signal.committed(layer, order, rows_tensor)
+        at_point = {EvictAt.STEP: rows, EvictAt.NEVER: np.zeros_like(rows),
+                    EvictAt.LINE_END: rows & ((visual + 1) % layout.line_len == 0)}[policy.evicts_at]
+        if not at_point.any():
+            return
+        excess = np.where(at_point, np.maximum(state.row_visual - self.budget, 0), 0)
+        self.step.scoring = torch.from_numpy(visual).to(self.device)
+        context = EvictionContext(layout, self.budget, self.step.scoring[:, None, None], torch.from_numpy(
+            at_point).to(self.device))
+        counts, occupancy = (torch.from_numpy(array).to(self.device) for array in (excess, state.row_occupancy))
+        for layer in self.layers:
+            view = layer.view()
+            policy.observe(view, context)
+            if excess.any():
+                layer.evict_rows(policy.score(view, context), counts, occupancy)
+            layer.end_step()
+        state.row_visual = state.row_visual - excess
+        state.row_occupancy = state.row_occupancy - excess
+        state.evictions += int(excess.any())
+
+    def _become_ragged(self) -> None:
+        """From here on every sequence keeps its own counts (they start equal)."""
+        state, sequences = self.state, self.sequences
+        if state.has_holes:  # position-based evictions leave free slots below the high-water mark
+            raise RuntimeError("multi-token chunks need a cache without holes: start chunks right after the prefix")
+        state.ragged = True
+        state.row_occupancy = np.full(sequences, state.occupancy, dtype=np.int64)
+        state.row_visual = np.full(sequences, state.visual_count, dtype=np.int64)
+        state.row_next = np.full(sequences, state.visual_index + 1, dtype=np.int64)
+        state.masked = True
+
     # ---- compilation ---------------------------------------------------------------------------
 
     def reset(self, policy: CachePolicy) -> None:
@@ -382,11 +536,7 @@ class KVCache:
         vars(self.state).update(vars(CacheState(self.state.capacity, width_multiple=self.state.width_multiple,
                                                 always_masked=self.state.always_masked)))
         for layer in self.layers:
-            layer.valid.zero_()
-            layer.positions.fill_(-1)
-            if layer.received is not None:
-                layer.received.zero_()
-            layer._line_probs = None
+            layer.reset()
 
     def prepare_for_cuda_graphs(self, width_multiple: int = 64) -> None:
         """Mark the stores static (CUDA graphs keep their addresses) and bucket the attention width.
@@ -406,7 +556,7 @@ class KVCache:
         return tensor_bytes(*(t for layer in self.layers for t in layer.tensors()))
 
     def high_water_bytes(self) -> int:
-        """Bytes of the slots ever in use at once (keys, values, positions, masks; all layers)."""
+        """Bytes of the slots ever in use at once (keys, values, positions, masks, per-slot signals; all layers)."""
         return sum(layer.slot_bytes() for layer in self.layers) * self.state.peak_occupancy
 
     def visible_positions(self) -> list[torch.Tensor]:

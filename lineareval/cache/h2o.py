@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lineareval.cache.policy import CachePolicy, EvictionContext, ScoreNeed, TokenLayout, protect
+from lineareval.cache.policy import CachePolicy, CacheView, EvictionContext, TokenLayout, protect
+from lineareval.cache.signals import AccumulatedAttention
 
 
 @dataclass
@@ -19,12 +20,14 @@ class H2O(CachePolicy):
     """Keeps `floor(heavy_ratio * B)` heavy hitters and the most recent `B - heavy` tokens."""
 
     name = "h2o"
-    needs_scores = ScoreNeed.EVERY_STEP
     heavy_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0 <= self.heavy_ratio < 1:
             raise ValueError(f"h2o heavy_ratio must be in [0, 1), got {self.heavy_ratio}")
+
+    def signals(self) -> dict:
+        return {"received": AccumulatedAttention(every_step=True)}
 
     def recent(self, budget: int) -> int:
         return budget - int(self.heavy_ratio * budget)
@@ -32,7 +35,6 @@ class H2O(CachePolicy):
     def minimum_budget(self, layout: TokenLayout) -> int:
         return 2
 
-    def score(self, layer, context: EvictionContext) -> torch.Tensor:
-        width = layer.state.high_water
+    def score(self, view: CacheView, context: EvictionContext) -> torch.Tensor:
         first_recent = context.position(context.visual_index - self.recent(context.budget) + 1)
-        return protect(layer.received[:, :, :width], layer.positions[:, :, :width] >= first_recent)
+        return protect(view.received(), view.positions >= first_recent)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lineareval.cache.policy import CachePolicy, EvictAt, EvictionContext, ScoreNeed, TokenLayout, protect
+from lineareval.cache.policy import CachePolicy, CacheView, EvictAt, EvictionContext, TokenLayout, protect
+from lineareval.cache.signals import AccumulatedAttention, LineQueries
 
 SCORE_SOURCES = ("line", "last_token", "cumulative")
 
@@ -28,7 +29,6 @@ class LineAR(CachePolicy):
     """
 
     name = "linear"
-    needs_scores = ScoreNeed.LINE_END
     evicts_at = EvictAt.LINE_END
     anchors: int | str = "line"
     recent_lines: int = 1
@@ -48,18 +48,24 @@ class LineAR(CachePolicy):
     def minimum_budget(self, layout: TokenLayout) -> int:
         return self.anchor_tokens(layout) + self.recent_lines * layout.line_len
 
-    def observe(self, layer, context: EvictionContext) -> None:
-        if self.score_source == "cumulative":
-            layer.received[:, :, : layer.state.high_water] += layer.line_probabilities().sum(dim=2)
+    def signals(self) -> dict:
+        signals = {"line": LineQueries()}
+        if self.score_source == "cumulative":  # added up at line ends, from the line's probabilities
+            signals["received"] = AccumulatedAttention(every_step=False)
+        return signals
 
-    def score(self, layer, context: EvictionContext) -> torch.Tensor:
+    def observe(self, view: CacheView, context: EvictionContext) -> None:
+        if self.score_source == "cumulative":
+            line = view.line_probabilities().sum(dim=2)  # (S, H, W)
+            view.signal("received").add(line if context.rows is None else line * context.rows[:, None, None])
+
+    def score(self, view: CacheView, context: EvictionContext) -> torch.Tensor:
         if self.score_source == "line":
-            scores = layer.line_probabilities().mean(dim=2)  # (S, H, W)
+            scores = view.line_probabilities().mean(dim=2)  # (S, H, W)
         elif self.score_source == "last_token":
-            scores = layer.line_probabilities()[:, :, -1]
+            scores = view.line_probabilities()[:, :, -1]
         else:
-            scores = layer.received[:, :, : layer.state.high_water]
-        positions = layer.positions[:, :, : layer.state.high_water]
+            scores = view.received()
         first_recent = context.position(context.visual_index + 1 - self.recent_lines * context.layout.line_len)
-        anchors = positions < context.position(self.anchor_tokens(context.layout))
-        return protect(scores, anchors | (positions >= first_recent))
+        anchors = view.positions < context.position(self.anchor_tokens(context.layout))
+        return protect(scores, anchors | (view.positions >= first_recent))

@@ -1,7 +1,9 @@
-"""What a cache policy is: a declared schedule, declared score needs, and a `score()`.
+"""What a cache policy is: a declared schedule, declared signals, and a `score()` over a read-only view.
 
-A policy never touches tensors of the store directly; it scores slots (higher keeps) and the engine
-evicts the lowest-scoring ones. Protected slots (prefix, anchors, sinks, recent tokens) score `+inf`.
+A policy never touches the store: it scores slots (higher keeps) and the engine evicts the lowest-
+scoring ones. Protected slots (prefix, anchors, sinks, recent tokens) score `+inf`. What a score
+needs beyond positions and keys (accumulated attention, a line's attention) is a signal the policy
+declares (`signals()`, lineareval/cache/signals.py); the engine keeps it per layer.
 Adding a policy is one file here plus one YAML under `conf/cache/`.
 """
 
@@ -18,11 +20,12 @@ if TYPE_CHECKING:
 
 
 class ScoreNeed(enum.Enum):
-    """When a policy needs explicit attention probabilities (everything else uses fused SDPA)."""
+    """When a policy needs explicit attention probabilities (everything else uses fused SDPA); derived from
+    its signals (reports and cost models read it)."""
 
     NEVER = "never"
     LINE_END = "line_end"  # the engine buffers each line's queries and scores once per line
-    EVERY_STEP = "every_step"  # the engine accumulates probabilities received per slot, every step
+    EVERY_STEP = "every_step"  # the engine computes every query's probabilities
 
 
 class EvictAt(enum.Enum):
@@ -51,28 +54,73 @@ class TokenLayout:
 
 @dataclass(frozen=True)
 class EvictionContext:
-    """What a policy may look at when scoring: the layout, the budget and the token just written."""
+    """What a policy may look at when scoring: the layout, the budget and the token just committed.
+
+    `visual_index` is an int in sequential decoding; in multi-token steps sequences reach their scoring
+    points at different tokens, so it is a (S, 1, 1) tensor (policies' arithmetic broadcasts over slots)
+    and `rows` (S,) marks the sequences at a scoring point (the others evict nothing).
+    """
 
     layout: TokenLayout
     budget: int
-    visual_index: int  # index (0..N-1) of the visual token whose step just finished
+    visual_index: int | torch.Tensor  # index (0..N-1) of the visual token whose step just finished
+    rows: torch.Tensor | None = None
 
-    def position(self, visual_index: int) -> int:
+    def position(self, visual_index: int | torch.Tensor) -> int | torch.Tensor:
         """Absolute sequence position of a visual token (positions start with the prefix)."""
         return self.layout.prefix_len + visual_index
 
 
+class CacheView:
+    """A read-only view of one layer for scoring: slots [0, width) of the store and the declared signals."""
+
+    def __init__(self, layer: LayerKV):
+        self._layer = layer
+        self.width = layer.state.high_water
+        self.positions = layer.positions[:, :, : self.width]  # (S, H, W); -1 = free
+        self.valid = layer.valid[:, :, : self.width]  # (S, H, W)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """(S, H, W, D) post-RoPE keys."""
+        return self._layer.keys[:, :, : self.width]
+
+    def signal(self, name: str):
+        """The state of a signal the policy declared (e.g. `ReceivedState`, `LineState`)."""
+        return self._layer.signals[name]
+
+    def received(self, name: str = "received") -> torch.Tensor:
+        """(S, H, W) accumulated attention (an `AccumulatedAttention` signal)."""
+        return self.signal(name).view(self.width)
+
+    def line_probabilities(self, name: str = "line") -> torch.Tensor:
+        """(S, H, n, W) attention of the just-finished line's queries (a `LineQueries` signal)."""
+        return self.signal(name).probabilities(self._layer)
+
+
 @dataclass
 class CachePolicy:
-    """Base class: subclasses set the class variables and implement `score`."""
+    """Base class: subclasses set the class variables, declare their signals and implement `score`."""
 
     name: ClassVar[str] = "base"
-    needs_scores: ClassVar[ScoreNeed] = ScoreNeed.NEVER
     evicts_at: ClassVar[EvictAt] = EvictAt.STEP
-    # True when scores depend only on slot positions (not on keys, values or attention): every layer,
-    # head and sequence then evicts the same slots, so the engine scores once, on its host copy of the
-    # slot layout (`SlotTable`, shaped like a layer with S = H = 1), and `observe` is not called.
+    # True when scores depend only on slot positions (not on keys, values or attention): in sequential
+    # decoding every layer, head and sequence then evicts the same slots, so the engine scores once, on
+    # its host copy of the slot layout (`SlotTable`, a view shaped like a layer with S = H = 1), and
+    # `observe` is not called.
     selects_by_position: ClassVar[bool] = False
+
+    def signals(self) -> dict:
+        """Name -> signal spec (lineareval/cache/signals.py) the engine keeps per layer for `score`."""
+        return {}
+
+    @property
+    def needs_scores(self) -> ScoreNeed:
+        """What the declared signals ask of attention (derived; cost models and reports read it)."""
+        specs = list(self.signals().values())
+        if any(spec.every_step for spec in specs):
+            return ScoreNeed.EVERY_STEP
+        return ScoreNeed.LINE_END if any(spec.line_queries for spec in specs) else ScoreNeed.NEVER
 
     def minimum_budget(self, layout: TokenLayout) -> int:
         """Smallest visual budget for which the policy can keep what it protects."""
@@ -86,10 +134,10 @@ class CachePolicy:
         """Slots to preallocate per layer, head and sequence (prefix included)."""
         return layout.prefix_len + min(layout.num_visual, budget + self.slack(layout))
 
-    def observe(self, layer: LayerKV, context: EvictionContext) -> None:
+    def observe(self, view: CacheView, context: EvictionContext) -> None:
         """Called at every scoring point (line end or step) before any eviction; default: nothing."""
 
-    def score(self, layer: LayerKV, context: EvictionContext) -> torch.Tensor:
+    def score(self, view: CacheView, context: EvictionContext) -> torch.Tensor:
         """Keep-scores of the occupied slot range, shape (S, H, W); higher keeps, `inf` protects."""
         raise NotImplementedError
 

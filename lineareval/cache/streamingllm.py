@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lineareval.cache.policy import CachePolicy, EvictionContext, TokenLayout, protect
+from lineareval.cache.policy import CachePolicy, CacheView, EvictionContext, TokenLayout, protect
 
 
 @dataclass
@@ -25,6 +25,5 @@ class StreamingLLM(CachePolicy):
     def minimum_budget(self, layout: TokenLayout) -> int:
         return self.sinks + 1
 
-    def score(self, layer, context: EvictionContext) -> torch.Tensor:
-        positions = layer.positions[:, :, : layer.state.high_water]
-        return protect(positions.float(), positions < context.position(self.sinks))
+    def score(self, view: CacheView, context: EvictionContext) -> torch.Tensor:
+        return protect(view.positions.float(), view.positions < context.position(self.sinks))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lineareval.cache.policy import CachePolicy, EvictionContext
+from lineareval.cache.policy import CachePolicy, CacheView, EvictionContext
 
 
 @dataclass
@@ -16,5 +16,5 @@ class Window(CachePolicy):
     name = "window"
     selects_by_position = True
 
-    def score(self, layer, context: EvictionContext) -> torch.Tensor:
-        return layer.positions[:, :, : layer.state.high_water].float()  # newer keeps
+    def score(self, view: CacheView, context: EvictionContext) -> torch.Tensor:
+        return view.positions.float()  # newer keeps

@@ -1,6 +1,6 @@
 """The embedded demo model: a small class-conditional LlamaGen trained on CPU by `scripts/train_demo.py`.
 
-Its two checkpoints live in this folder in the official layout; `build_generator` points the
+Its two checkpoints live in this folder in the official layout; `load_demo` points the
 standard LlamaGen loader at them, so the demo runs the same code path as the released models.
 Data, provenance and licences: `README.md` here; data code: `data.py`.
 """
@@ -21,12 +21,12 @@ def packaged(name: str | None) -> str | None:
     return str(DEMO_DIR / name)
 
 
-def build_generator(*, gpt_ckpt: str | None = GPT_FILE, vq_ckpt: str | None = VQ_FILE, **fields):
-    """`lineareval.generators.llamagen.build_generator` with bare file names resolved in this folder.
+def load_demo(*, gpt_ckpt: str | None = GPT_FILE, vq_ckpt: str | None = VQ_FILE, **fields):
+    """`lineareval.generators.llamagen.load_llamagen` with bare file names resolved in this folder.
 
     So `conf/model/demo.yaml` can name the committed files whatever the working directory, and
     `model.gpt_ckpt=PATH` still points at another checkpoint.
     """
-    from lineareval.generators.llamagen import build_generator as build_llamagen
+    from lineareval.generators.llamagen import load_llamagen
 
-    return build_llamagen(gpt_ckpt=packaged(gpt_ckpt), vq_ckpt=packaged(vq_ckpt), **fields)
+    return load_llamagen(gpt_ckpt=packaged(gpt_ckpt), vq_ckpt=packaged(vq_ckpt), **fields)

@@ -1,90 +1,76 @@
-"""What every model adapter returns, the observer hook the tests use and the per-step timer."""
+"""A model family ready to generate (`Generator`, what `conf/model/*.yaml` builds) and shared text helpers."""
 
 from __future__ import annotations
 
 import logging
-import time
 import zlib
-from itertools import pairwise
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lineareval.cache import KVCache
-from lineareval.sampling import SamplingConfig, draw_tokens, stream_keys
+from lineareval.cache import CachePolicy, TokenLayout
+from lineareval.decoding.decoder import Decoder, Family, Generation, StepObserver, StepTimer
+from lineareval.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-StepObserver = Callable[[int, KVCache], None]
-
 
 @dataclass
-class Generation:
-    """Sampled visual tokens (B, N) and the caches that produced them (one per CFG branch if unbatched)."""
+class Generator:
+    """A network, its family's hooks and the decoder that drives them, plus where its weights came from.
 
-    tokens: torch.Tensor
-    caches: list[KVCache]
-
-    def capacity_bytes(self) -> int:
-        return sum(cache.capacity_bytes() for cache in self.caches)
-
-    def high_water_bytes(self) -> int:
-        return sum(cache.high_water_bytes() for cache in self.caches)
-
-
-class Sampler:
-    """`sample_tokens` under the run's sampling config, compiled with the decode step when asked.
-
-    Compiling matters on a CPU: the counter-hash Gumbel noise is about twenty elementwise integer
-    operations over (B, V), which inductor fuses into one loop; the draws are identical. The
-    (seed, token index) keys are hashed in Python first, so the compiled part is one graph that
-    takes the step's key as a number (dynamic after the second step: no recompile per token).
+    `generate` samples tokens under any cache policy (the decoder's loop); `decode_images` turns
+    them into uint8 images (the family's tokenizer or VQ decoder).
     """
 
-    def __init__(self, config: SamplingConfig, compile: bool = False, backend: str = "inductor"):
-        self.config = config
-        self.function = torch.compile(draw_tokens, backend=backend, fullgraph=True) if compile else draw_tokens
+    name: str
+    model: torch.nn.Module  # the cached model the decoder steps (lineareval/decoding/stepper.py: CachedModel)
+    family: Family
+    decoder: Decoder
+    weights: str  # checkpoint | random
+    weight_files: list[str] = field(default_factory=list)
 
-    def __call__(self, logits: torch.Tensor, seed: int, sample_ids: torch.Tensor, token_index: int) -> torch.Tensor:
-        """logits (B, V) -> tokens (B,)."""
-        return self.function(logits, self.config, sample_ids, *stream_keys(seed, token_index))
+    @classmethod
+    def assemble(cls, name: str, model: torch.nn.Module, family: Family, sampling: SamplingConfig, weights: str,
+                 weight_files: list[str] = (), *, compile: bool = False, backend: str = "inductor") -> Generator:
+        """A generator for a built network and its family, decoding under `sampling` (compiled if asked)."""
+        decoder = Decoder(model, family, sampling, compile=compile, backend=backend)
+        return cls(name, model, family, decoder, weights, list(weight_files))
 
+    @property
+    def conditioning(self) -> str:
+        return self.family.conditioning
 
-class StepTimer:
-    """Wall time of every decode step, without slowing the loop down.
+    @property
+    def layout(self) -> TokenLayout:
+        return self.family.layout
 
-    The adapter calls `begin()` once the prefix is in the cache and `step()` after each decode step;
-    step i is then the time to sample visual token i and feed it through the model (and evict).
-    On CPU each call stores one `perf_counter` in a preallocated list; on GPU it records one
-    preallocated CUDA event, and `seconds()` synchronises once, after the generation.
-    """
+    @property
+    def num_classes(self) -> int:
+        return self.family.num_classes
 
-    def __init__(self, steps: int, device: torch.device | str):
-        self.cuda = torch.device(device).type == "cuda"
-        self.marks: list = ([torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if self.cuda
-                            else [0.0] * (steps + 1))
-        self.count = 0
+    @property
+    def compiled(self) -> bool:
+        return self.decoder.compiled
 
-    def begin(self) -> None:
-        self.count = 0
-        self.step()
+    @property
+    def can_decode(self) -> bool:
+        return getattr(self.family, "can_decode", True)
 
-    def step(self) -> None:
-        if self.cuda:
-            self.marks[self.count].record()
-        else:
-            self.marks[self.count] = time.perf_counter()
-        self.count += 1
+    def sequences(self, batch: int) -> int:
+        """Sequences in the caches for `batch` images: with guidance a conditional and an unconditional each."""
+        return 2 * batch if self.decoder.sampling.guided else batch
 
-    def seconds(self) -> list[float]:
-        """Seconds of each step recorded so far (one fewer than the marks)."""
-        marks = self.marks[: self.count]
-        if self.cuda:
-            marks[-1].synchronize()
-            return [start.elapsed_time(end) / 1e3 for start, end in pairwise(marks)]
-        return [end - start for start, end in pairwise(marks)]
+    def generate(self, conditions, sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
+                 observer: StepObserver | None = None, timer: StepTimer | None = None) -> Generation:
+        """Tokens (B, N) for class labels (B,) or B prompts; see `Decoder.generate`."""
+        return self.decoder.generate(conditions, sample_ids, policy, budget, seed, observer, timer)
+
+    @torch.inference_mode()
+    def decode_images(self, tokens: torch.Tensor | None, size: int | None = None) -> torch.Tensor:
+        """(B, N) tokens -> (B, H, W, 3) uint8 images; `size` resizes first (bicubic on [-1, 1])."""
+        return self.family.decode_images(tokens, size)
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Janus-Pro adapter: prompts in, uint8 images out, under any cache policy.
+"""Janus-Pro (text-to-image): its family hooks and its loader.
 
 As the official generator: the stripped prompt goes through the DeepSeek chat format with an empty
 system prompt and ends with the image-start tag,
@@ -15,58 +15,47 @@ passed explicitly: prompt tokens 0..P_s-1, visual token i at P_s + i.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from lineareval.cache import CachePolicy, TokenLayout
-from lineareval.generators.base import Generation, Sampler, StepObserver, StepTimer, left_pad, load_tokenizer
+from lineareval.cache import TokenLayout
+from lineareval.decoding.decoder import Branch
+from lineareval.generators.base import Generator, left_pad, load_tokenizer
 from lineareval.generators.text import bos_id, check_round_trip, is_real_tokenizer, vocabulary_id
-from lineareval.models.janus import JanusGenerator
+from lineareval.models.layers import TextPrefix
 from lineareval.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
+PROMPT_TEMPLATE = "<|User|>: {prompt}\n\n<|Assistant|>:"
+IMAGE_START = "<begin_of_image>"
+
 
 @dataclass
-class JanusAdapter:
-    """Janus-Pro network, its VQ decoder, tokenizer and prompt format."""
+class JanusFamily:
+    """Prompts in: one cache of [conditional; unconditional] prompt rows; images out through the VQ decoder."""
 
-    name: str
-    network: JanusGenerator
-    vqmodel: torch.nn.Module
     tokenizer: object
-    sampling: SamplingConfig
-    weights: str
-    prompt_template: str = "<|User|>: {prompt}\n\n<|Assistant|>:"
-    image_start: str = "<begin_of_image>"
-    weight_files: list[str] = field(default_factory=list)
-    compiled: bool = False  # the decode step and the sampler run through torch.compile
-    compile_backend: str = "inductor"
-    pad_id: int | None = None  # unconditional rows' filler; build_janus gives the id of <｜▁pad▁｜>
+    vqmodel: torch.nn.Module
+    side: int  # image tokens per row and per column (24)
+    device: torch.device
+    prompt_template: str = PROMPT_TEMPLATE
+    image_start: str = IMAGE_START
+    pad_id: int | None = None  # unconditional rows' filler; load_janus gives the id of <｜▁pad▁｜>
     bos_id: int | None = None  # None: the tokenizer's BOS
-    sample: Sampler = field(init=False, repr=False)
     conditioning = "text"
 
     def __post_init__(self) -> None:
-        self.sample = Sampler(self.sampling, compile=self.compiled, backend=self.compile_backend)
         if self.pad_id is None:
             self.pad_id = self.tokenizer.pad_token_id
         if self.bos_id is None:
-            self.bos_id = bos_id(self.tokenizer, self.name)
+            self.bos_id = bos_id(self.tokenizer, "Janus-Pro")
 
     @property
     def layout(self) -> TokenLayout:
         """The visual layout (24 x 24, no end-of-line token); the prompt prefix varies per batch."""
-        side = self.network.gen_config.num_patches
-        return TokenLayout(prefix_len=0, rows=side, line_len=side)
-
-    @property
-    def device(self) -> torch.device:
-        return self.network.language_model.embed_tokens.weight.device
-
-    def sequences(self, batch: int) -> int:
-        return 2 * batch if self.sampling.guided else batch
+        return TokenLayout(prefix_len=0, rows=self.side, line_len=self.side)
 
     def encode(self, prompts: list[str]) -> list[list[int]]:
         """Token ids of each formatted, stripped prompt: BOS, then the text up to image-start."""
@@ -77,49 +66,25 @@ class JanusAdapter:
         """BOS, then `<｜▁pad▁｜>` in place of every prompt token, then image-start (the official layout)."""
         return [ids[0]] + [self.pad_id] * (len(ids) - 2) + [ids[-1]]
 
-    def prefix_batch(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefix_batch(self, prompts: list[str], guided: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ids and presence mask, each (S, P): S = 2B rows [cond; uncond] with guidance."""
         rows = self.encode(prompts)
-        if self.sampling.guided:
+        if guided:
             rows = rows + [self.unconditional(ids) for ids in rows]
         return left_pad(rows, self.tokenizer.pad_token_id, self.device)
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[str], sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
-                 observer: StepObserver | None = None, timer: StepTimer | None = None) -> Generation:
-        """Sample the 576 image tokens of each prompt's image. -> tokens (B, N)."""
-        ids, present = self.prefix_batch(prompts)
-        layout = TokenLayout(ids.shape[1], self.layout.rows, self.layout.line_len)
-        model = self.network.language_model
-        cache = model.new_cache(policy, budget, len(ids), layout)
-        lengths = present.sum(1)  # (S,) real prompt tokens
-        positions = (present.cumsum(1) - 1).clamp(min=0)
-        hidden = model.prefill(self.network.embed_text(ids), positions, present, cache)
-        logits = self.network.image_logits(hidden)
-        tokens = torch.empty(len(prompts), layout.num_visual, dtype=torch.long, device=ids.device)
-        if timer is not None:
-            timer.begin()
-        for index in range(layout.num_visual):
-            token = self.sample(self._guide(logits), seed, sample_ids, index)
-            tokens[:, index] = token
-            if index == layout.num_visual - 1:
-                break
-            feed = torch.cat([token, token]) if self.sampling.guided else token
-            hidden = model.decode(self.network.embed_image(feed), lengths + index, index, cache)
-            logits = self.network.image_logits(hidden)
-            if observer is not None:
-                observer(index, cache)
-            if timer is not None:
-                timer.step()
-        return Generation(tokens, [cache])
+    def branches(self, prompts: list[str], guided: bool) -> list[Branch]:
+        ids, present = self.prefix_batch(prompts, guided)
+        positions = (present.cumsum(1) - 1).clamp(min=0)  # prompt tokens 0..P_s-1
+        layout = TokenLayout(ids.shape[1], self.side, self.side)
+        return [Branch(TextPrefix(ids, positions, present), len(ids), layout, present.sum(1))]
 
-    def _guide(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self.sampling.guided:
-            return logits
-        cond, uncond = logits.chunk(2)
-        return uncond + (cond - uncond) * self.sampling.cfg_scale
+    def forced(self, visual_index: int) -> int | None:
+        return None
 
-    @torch.inference_mode()
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
     def decode_images(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """(B, N) -> (B, H, W, 3) uint8, as the official `(x + 1) / 2 * 255` clipped and truncated;
         `size` resizes first (bicubic on the [-1, 1] tensor)."""
@@ -129,23 +94,22 @@ class JanusAdapter:
         return torch.clamp((pixels + 1) / 2 * 255, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
 
-def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,
+def load_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,
                 weights_dir: str, device: str | torch.device, dtype: torch.dtype, download: bool = True, seed: int = 0,
                 compile: bool = False, compile_backend: str = "inductor", rope_inv_freq: str = "official",
                 pad_token: str = "<｜▁pad▁｜>",
-                prompt_template: str = JanusAdapter.prompt_template,
-                image_start: str = JanusAdapter.image_start) -> JanusAdapter:
-    """Build from `conf/model/janus_pro_*.yaml`: `path` is a hub id or a local folder in transformers' layout
+                prompt_template: str = PROMPT_TEMPLATE, image_start: str = IMAGE_START) -> Generator:
+    """Load from `conf/model/janus_pro_*.yaml`: `path` is a hub id or a local folder in transformers' layout
     (deepseek-community/Janus-Pro-*) or DeepSeek's (deepseek-ai/Janus-Pro-*, `.bin` or safetensors)."""
     from lineareval.models.hub import PATTERNS, checkpoint_files, resolve_model_folder
-    from lineareval.models.janus import load_janus, random_janus, set_rope_inv_freq
+    from lineareval.models.janus import load_janus_networks, random_janus, set_rope_inv_freq
 
     if weights == "checkpoint":
         weight_files = ("*.safetensors", "pytorch_model*.bin")  # transformers' layout, or DeepSeek's release
         folder = resolve_model_folder(path, weights_dir, download=download,
                                       required=("config.json", weight_files, "tokenizer.json"),
                                       patterns=(*PATTERNS, "pytorch_model*.bin"))
-        network, vqmodel = load_janus(folder, dtype, num_patches=gen.get("num_patches", 24))
+        network, vqmodel = load_janus_networks(folder, dtype, num_patches=gen.get("num_patches", 24))
         files = [str(file) for file in checkpoint_files(folder)]
     elif weights == "random":
         log.warning("model %s uses RANDOM weights (weights=random): speed benchmarks only", name)
@@ -161,7 +125,7 @@ def build_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampli
         pad_id = vocabulary_id(tokenizer, pad_token, folder or path)
     network.to(device)
     vqmodel.to(device)
-    if compile:
-        network.language_model.compile_decode(compile_backend)
-    return JanusAdapter(name, network, vqmodel, tokenizer, SamplingConfig(**sampling), weights, prompt_template,
-                        image_start, files, compiled=compile, compile_backend=compile_backend, pad_id=pad_id)
+    family = JanusFamily(tokenizer, vqmodel, network.gen_config.num_patches, torch.device(device), prompt_template,
+                         image_start, pad_id)
+    return Generator.assemble(name, network, family, SamplingConfig(**sampling), weights, files, compile=compile,
+                              backend=compile_backend)

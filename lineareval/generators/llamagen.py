@@ -1,21 +1,22 @@
-"""LlamaGen adapter: class labels in, uint8 images out, under any cache policy.
+"""LlamaGen (class-conditional): its family hooks and its loader.
 
-CFG layout as in the official sampler: the batch is [conditional; unconditional] (the null class),
-both halves are fed the same sampled token, and each half keeps its own cache selection.
+CFG layout as in the official sampler: the batch is [conditional; unconditional] (the null class) in
+one cache, both halves are fed the same sampled token, and each half keeps its own cache selection.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from lineareval.cache import CachePolicy, KVCache, TokenLayout
-from lineareval.generators.base import Generation, Sampler, StepObserver, StepTimer
-from lineareval.models.init import initialise_random
+from lineareval.cache import TokenLayout
+from lineareval.decoding.decoder import Branch
+from lineareval.generators.base import Generator
 from lineareval.models.checkpoint import extract_model_state, load_into, load_state_dict_file
+from lineareval.models.init import initialise_random
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
 from lineareval.models.vq import VQConfig, VQModel, to_uint8
 from lineareval.models.weights import WeightFile, resolve_weight_files
@@ -25,78 +26,25 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LlamaGenGenerator:
-    """A LlamaGen GPT, its VQ decoder and sampling defaults."""
+class LlamaGenFamily:
+    """Class labels in: one cache of [labels; null class] rows; images out through the VQ-16 decoder."""
 
-    name: str
-    gpt: LlamaGen
+    layout: TokenLayout
+    num_classes: int
     vq: VQModel
-    sampling: SamplingConfig
-    weights: str
-    weight_files: list[str] = field(default_factory=list)
-    compiled: bool = False  # the GPT's decode step and the sampler run through torch.compile
-    compile_backend: str = "inductor"
-    sample: Sampler = field(init=False, repr=False)
     conditioning = "class"
 
-    def __post_init__(self) -> None:
-        self.sample = Sampler(self.sampling, compile=self.compiled, backend=self.compile_backend)
+    def branches(self, labels: torch.Tensor, guided: bool) -> list[Branch]:
+        rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels  # null = last
+        offsets = torch.full_like(rows, self.layout.prefix_len)  # visual token i at sequence position 1 + i
+        return [Branch(rows, len(rows), self.layout, offsets)]
 
-    @property
-    def layout(self) -> TokenLayout:
-        return self.gpt.layout
+    def forced(self, visual_index: int) -> int | None:
+        return None
 
-    @property
-    def num_classes(self) -> int:
-        return self.gpt.config.num_classes
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
 
-    @property
-    def device(self) -> torch.device:
-        return self.gpt.output.weight.device
-
-    def sequences(self, batch: int) -> int:
-        return 2 * batch if self.sampling.guided else batch
-
-    def new_cache(self, policy: CachePolicy, budget: int, batch: int) -> KVCache:
-        return self.gpt.new_cache(policy, budget, self.sequences(batch))
-
-    @torch.inference_mode()
-    def generate(self, labels: torch.Tensor, sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
-                 observer: StepObserver | None = None, timer: StepTimer | None = None) -> Generation:
-        """Sample the N visual tokens of each image. labels, sample_ids: (B,) -> tokens (B, N) int64.
-
-        `observer(visual_index, cache)` runs after each decode step (tests record cache contents);
-        `timer` records the wall time of each step.
-        """
-        cache = self.new_cache(policy, budget, len(labels))
-        guided, num_visual = self.sampling.guided, self.layout.num_visual
-        conditions = torch.cat([labels, torch.full_like(labels, self.gpt.null_class)]) if guided else labels
-        logits = self.gpt.prefill(conditions, cache)
-        tokens = torch.empty(len(labels), num_visual, dtype=torch.long, device=labels.device)
-        if timer is not None:
-            timer.begin()
-        for index in range(num_visual):
-            token = self.sample(self._guide(logits, index), seed, sample_ids, index)
-            tokens[:, index] = token
-            if index == num_visual - 1:
-                break
-            logits = self.gpt.decode(torch.cat([token, token]) if guided else token, index, cache)
-            if observer is not None:
-                observer(index, cache)
-            if timer is not None:
-                timer.step()
-        return Generation(tokens, [cache])
-
-    def _guide(self, logits: torch.Tensor, index: int) -> torch.Tensor:
-        """(S, V) -> (B, V): classifier-free guidance on [cond; uncond] rows, as the official sampler."""
-        if not self.sampling.guided:
-            return logits
-        cond, uncond = logits.chunk(2)
-        if not self.sampling.guidance_at(index):
-            return cond
-        return uncond + (cond - uncond) * self.sampling.cfg_scale
-
-    @torch.inference_mode()
     def decode_images(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """(B, N) token ids -> (B, H, W, 3) uint8 images; `size` resizes first, bicubic on the [-1, 1]
         tensor, as LlamaGen's FID sampler does (384 -> 256)."""
@@ -116,12 +64,12 @@ def _initialise_random(gpt: LlamaGen, vq: VQModel, seed: int) -> None:
     codebook.copy_(torch.nn.functional.normalize(codebook, dim=-1))
 
 
-def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq_file: str | None,
-                    gpt_ckpt: str | None, vq_ckpt: str | None, vq: dict, sampling: dict, weights: str,
-                    weights_dir: str | Path, device: str | torch.device, dtype: torch.dtype,
-                    download: bool = True, seed: int = 0, compile: bool = False, compile_backend: str = "inductor",
-                    **gpt_fields) -> LlamaGenGenerator:
-    """Build from a `conf/model/llamagen*.yaml` block; load official files unless `weights=random`.
+def load_llamagen(*, name: str, hub_repo: str | None, gpt_file: str | None, vq_file: str | None,
+                  gpt_ckpt: str | None, vq_ckpt: str | None, vq: dict, sampling: dict, weights: str,
+                  weights_dir: str | Path, device: str | torch.device, dtype: torch.dtype,
+                  download: bool = True, seed: int = 0, compile: bool = False, compile_backend: str = "inductor",
+                  **gpt_fields) -> Generator:
+    """Load from a `conf/model/llamagen*.yaml` block: official files unless `weights=random`.
 
     `compile` wraps the decode step and the sampler in torch.compile (CUDA graphs on GPU) with
     `compile_backend`; the first generation compiles (minutes on a CPU), so time a second one.
@@ -148,7 +96,6 @@ def build_generator(*, name: str, hub_repo: str | None, gpt_file: str | None, vq
         load_into(module, extract_model_state(load_state_dict_file(path), path), source=str(path))
     gpt.to(device=device, dtype=dtype).eval()
     tokenizer.to(device=device).eval()  # the tokenizer decodes in fp32, as the official sampler
-    if compile:
-        gpt.compile_decode(compile_backend)
-    return LlamaGenGenerator(name, gpt, tokenizer, SamplingConfig(**sampling), weights, [str(p) for p in paths],
-                             compiled=compile, compile_backend=compile_backend)
+    family = LlamaGenFamily(gpt.layout, config.num_classes, tokenizer)
+    return Generator.assemble(name, gpt, family, SamplingConfig(**sampling), weights, [str(p) for p in paths],
+                              compile=compile, backend=compile_backend)

@@ -1,4 +1,4 @@
-"""Lumina-mGPT adapter (Liu et al. 2024, https://arxiv.org/abs/2408.02657) on our cache.
+"""Lumina-mGPT (Liu et al. 2024, https://arxiv.org/abs/2408.02657): its family hooks and its loader.
 
 As the official `FlexARInferenceSolver`: the prompt is `[bos] + encode("Generate an image of {W}x{H}
 according to the following prompt:\\n{prompt}<reserved08706>", add_special_tokens=False)`; the image is
@@ -20,10 +20,12 @@ from pathlib import Path
 
 import torch
 
-from lineareval.cache import CachePolicy, TokenLayout
-from lineareval.generators.base import Generation, Sampler, StepObserver, StepTimer, left_pad, load_tokenizer
+from lineareval.cache import TokenLayout
+from lineareval.decoding.decoder import Branch
+from lineareval.generators.base import Generator, left_pad, load_tokenizer
 from lineareval.generators.text import bos_id, check_round_trip, is_real_tokenizer
 from lineareval.models.chameleon import ChameleonLM
+from lineareval.models.layers import TextPrefix
 from lineareval.models.chameleon_vqgan import VQGAN_WEIGHTS, ImageVocabulary, find_vqgan_weights, load_chameleon_vqgan
 from lineareval.sampling import SamplingConfig
 
@@ -58,31 +60,28 @@ class LuminaTokens:
             raise ValueError(f"Lumina-mGPT's layout token ids do not match {source}:\n  " + "\n  ".join(wrong))
 
 
-@dataclass
-class LuminaAdapter:
-    """Chameleon LM, optional VQGAN + vocabulary for decoding, tokenizer and sampling defaults."""
+PROMPT_TEMPLATE = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
 
-    name: str
-    network: ChameleonLM
+
+@dataclass
+class LuminaFamily:
+    """Prompts in: a conditional cache (prompt, image header) and, with guidance, an unconditional one (the image
+    header alone); new-line tokens forced at line ends, image tokens only elsewhere; images out through
+    the vocabulary and the Chameleon VQGAN (when its files are there)."""
+
     tokenizer: object
-    sampling: SamplingConfig
-    weights: str
-    resolution: int = 768
+    resolution: int
+    device: torch.device
     tokens: LuminaTokens = field(default_factory=LuminaTokens)
     vqgan: torch.nn.Module | None = None
     vocabulary: ImageVocabulary | None = None
-    prompt_template: str = "Generate an image of {width}x{height} according to the following prompt:\n{prompt}"
-    weight_files: list[str] = field(default_factory=list)
-    compiled: bool = False  # the decode step and the sampler run through torch.compile
-    compile_backend: str = "inductor"
+    prompt_template: str = PROMPT_TEMPLATE
     bos_id: int | None = None  # None: the tokenizer's BOS (its EOS if it has none, as the official Tokenizer)
-    sample: Sampler = field(init=False, repr=False)
     conditioning = "text"
 
     def __post_init__(self) -> None:
-        self.sample = Sampler(self.sampling, compile=self.compiled, backend=self.compile_backend)
         if self.bos_id is None and self.tokenizer is not None:
-            self.bos_id = bos_id(self.tokenizer, self.name)
+            self.bos_id = bos_id(self.tokenizer, "Lumina-mGPT")
 
     @property
     def side(self) -> int:
@@ -91,14 +90,6 @@ class LuminaAdapter:
     @property
     def layout(self) -> TokenLayout:
         return TokenLayout(prefix_len=0, rows=self.side, line_len=self.side + 1)
-
-    @property
-    def device(self) -> torch.device:
-        return self.network.lm_head.weight.device
-
-    def sequences(self, batch: int) -> int:
-        """Sequences in the caches: B conditional plus, with guidance, B unconditional (a second cache)."""
-        return 2 * batch if self.sampling.guided else batch
 
     @property
     def can_decode(self) -> bool:
@@ -119,54 +110,30 @@ class LuminaAdapter:
         """Left-padded conditional prefixes (B, P) and presence mask: BOS, turn, image header."""
         return left_pad([ids + self.image_header() for ids in self.encode(prompts)], 0, self.device)
 
-    def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
+    def branches(self, prompts: list[str], guided: bool) -> list[Branch]:
+        ids, present = self.prefix_batch(prompts)
+        batch, rows, line = len(prompts), self.layout.rows, self.layout.line_len
+        positions = (present.cumsum(1) - 1).clamp(min=0)
+        branches = [Branch(TextPrefix(ids, positions, present), batch, TokenLayout(ids.shape[1], rows, line),
+                           present.sum(1))]
+        if guided:  # the unconditional context starts at image-start
+            header = torch.tensor(self.image_header(), device=ids.device).expand(batch, -1)
+            header_positions = torch.arange(header.shape[1], device=ids.device).expand(batch, -1)
+            branches.append(Branch(TextPrefix(header, header_positions), batch, TokenLayout(header.shape[1], rows,
+                                                                                               line),
+                                   torch.full((batch,), header.shape[1], device=ids.device)))
+        return branches
+
+    def forced(self, visual_index: int) -> int | None:
+        return self.tokens.new_line if self.layout.is_line_end(visual_index) else None
+
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
         """Only image tokens may be sampled inside a row (the official MultiModalLogitsProcessor)."""
         vocab = torch.arange(logits.shape[-1], device=logits.device)
         allowed = (vocab >= self.tokens.image_first) & (vocab <= self.tokens.image_last)
         return logits.masked_fill(~allowed, float("-inf"))
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[str], sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
-                 observer: StepObserver | None = None, timer: StepTimer | None = None) -> Generation:
-        """Rows of image tokens with their new-line tokens: (B, rows * (side + 1))."""
-        ids, present = self.prefix_batch(prompts)
-        batch, visual = len(prompts), self.layout
-        net = self.network
-        cond = net.new_cache(policy, budget, batch, TokenLayout(ids.shape[1], visual.rows, visual.line_len))
-        caches = [cond]
-        cond_positions = (present.cumsum(1) - 1).clamp(min=0)
-        cond_lengths = present.sum(1)
-        logits = net.prefill(ids, cond_positions, present, cond)
-        if self.sampling.guided:
-            header = torch.tensor(self.image_header(), device=ids.device).expand(batch, -1)
-            uncond = net.new_cache(policy, budget, batch, TokenLayout(header.shape[1], visual.rows, visual.line_len))
-            caches.append(uncond)
-            header_positions = torch.arange(header.shape[1], device=ids.device).expand(batch, -1)
-            uncond_logits = net.prefill(header, header_positions, None, uncond)
-        tokens = torch.empty(batch, visual.num_visual, dtype=torch.long, device=ids.device)
-        if timer is not None:
-            timer.begin()
-        for index in range(visual.num_visual):
-            if visual.is_line_end(index):
-                token = torch.full((batch,), self.tokens.new_line, dtype=torch.long, device=ids.device)
-            else:
-                guided = logits if not self.sampling.guided else (
-                    uncond_logits + self.sampling.cfg_scale * (logits - uncond_logits))
-                token = self.sample(self._constrain(guided), seed, sample_ids, index)
-            tokens[:, index] = token
-            if index == visual.num_visual - 1:
-                break
-            logits = net.decode(token, cond_lengths + index, index, cond)
-            if self.sampling.guided:
-                uncond_logits = net.decode(token, header.shape[1] + index + torch.zeros_like(token), index, uncond)
-            if observer is not None:
-                observer(index, cond)
-            if timer is not None:
-                timer.step()
-        return Generation(tokens, caches)
-
-    @torch.inference_mode()
-    def decode_images(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    def decode_images(self, tokens: torch.Tensor | None, size: int | None = None) -> torch.Tensor:
         """(B, rows * (side + 1)) -> (B, H, W, 3) uint8 through the vocabulary and the Chameleon VQGAN;
         `size` resizes first (bicubic on the [-1, 1] tensor)."""
         from lineareval.models.chameleon_vqgan import to_uint8
@@ -196,12 +163,12 @@ def missing_chameleon_files(folder: Path) -> list[str]:
     return [" or ".join(names) for names in wanted if not any((folder / name).is_file() for name in names)]
 
 
-def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: dict, weights: str, weights_dir: str,
+def load_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: dict, weights: str, weights_dir: str,
                  device: str | torch.device, dtype: torch.dtype, chameleon_dir: str | None = None,
                  tokens: dict | None = None, download: bool = True, seed: int = 0, compile: bool = False,
                  compile_backend: str = "inductor", decode_images: bool = True,
-                 prompt_template: str = LuminaAdapter.prompt_template) -> LuminaAdapter:
-    """Build from `conf/model/lumina_mgpt_*.yaml`: `path` is a hub id or a local folder.
+                 prompt_template: str = PROMPT_TEMPLATE) -> Generator:
+    """Load from `conf/model/lumina_mgpt_*.yaml`: `path` is a hub id or a local folder.
 
     With `decode_images=false` the VQGAN is neither required nor loaded; `text_tokenizer.json`, when
     present, still checks the layout token ids.
@@ -229,11 +196,10 @@ def build_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: d
     tokenizer = load_tokenizer(folder, path, weights_dir, lm["vocab_size"])
     if is_real_tokenizer(tokenizer):
         check_round_trip(tokenizer, folder or path)
-    if compile:
-        network.compile_decode(compile_backend)
-    return LuminaAdapter(name, network.eval(), tokenizer, SamplingConfig(**sampling), weights, resolution,
-                         layout_tokens, vqgan, vocabulary, prompt_template, files, compiled=compile,
-                         compile_backend=compile_backend)
+    family = LuminaFamily(tokenizer, resolution, torch.device(device), layout_tokens, vqgan, vocabulary,
+                          prompt_template)
+    return Generator.assemble(name, network.eval(), family, SamplingConfig(**sampling), weights, files,
+                              compile=compile, backend=compile_backend)
 
 
 def _checkpoint_network(path: str, weights_dir: str, download: bool, dtype: torch.dtype, device,

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lineareval.cache import KVCache, TokenLayout
+from lineareval.cache import KVCache
 from lineareval.models.hub import checkpoint_files
 from lineareval.models.checkpoint import load_into, load_state_dict_file
-from lineareval.models.layers import DecodeStep, DecoderLayer, Linear, RMSNorm, inverse_frequencies, rotary
+from lineareval.models.layers import DecoderLayer, RMSNorm, TextPrefix, inverse_frequencies, rotary
+from lineareval.models.packed import Linear
 from lineareval.models.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,6 @@ class ChameleonLM(nn.Module):
         self.model = ChameleonDecoder(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("inv_freq", config.inverse_frequencies(), persistent=False)
-        self.decoding = DecodeStep(self._decode_step, self)
 
     def reset_rope(self) -> None:
         """Recompute the RoPE frequencies in fp32 on their current device (never stored in a checkpoint)."""
@@ -131,14 +131,10 @@ class ChameleonLM(nn.Module):
         self.reset_rope()
         return self
 
-    def new_cache(self, policy, budget: int, sequences: int, layout: TokenLayout) -> KVCache:
+    def cache_spec(self) -> dict:
         weight = self.lm_head.weight
-        return self.decoding.new_cache(
-            lambda **options: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers,
-                                      sequences=sequences, heads=self.config.num_attention_heads,
-                                      head_dim=self.config.head_dim, dtype=weight.dtype, device=weight.device,
-                                      **options),
-            policy, (repr(policy), budget, sequences, layout), sequences)
+        return {"num_layers": self.config.num_hidden_layers, "heads": self.config.num_attention_heads,
+                "head_dim": self.config.head_dim, "dtype": weight.dtype, "device": weight.device}
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(h)).float()
@@ -160,13 +156,13 @@ class ChameleonLM(nn.Module):
             h = layer(h, cos, sin, mask)
         return self._logits(h)
 
-    def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, present: torch.Tensor | None,
-                cache: KVCache) -> torch.Tensor:
+    def prefill(self, prefix: TextPrefix, cache: KVCache) -> torch.Tensor:
         """Run the (left-padded) prefix, store its keys/values; logits at the last position. (S, P) -> (S, V).
 
-        `present` (S, P) marks real tokens; padding slots are never attended, and each padding query
-        attends to itself only so that no softmax row is empty.
+        `prefix.present` (S, P) marks real tokens; padding slots are never attended, and each padding
+        query attends to itself only so that no softmax row is empty.
         """
+        input_ids, present = prefix.ids, prefix.present
         length = input_ids.shape[1]
         if length != cache.layout.prefix_len:
             raise ValueError(f"prefix of {length} tokens for a cache laid out for {cache.layout.prefix_len}")
@@ -175,36 +171,21 @@ class ChameleonLM(nn.Module):
             causal = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()
             eye = torch.eye(length, dtype=torch.bool, device=input_ids.device)
             mask = causal & (present[:, None, None, :].to(causal.device) | eye)  # (S, 1, P, P)
-        cache.begin_prefix()
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rotary(position_ids, self.inv_freq, h.dtype)
+        cos, sin = rotary(prefix.positions, self.inv_freq, h.dtype)
         for layer, layer_cache in zip(self.model.layers, cache.layers):
             h = layer(h, cos, sin, mask, cache=layer_cache, present=present)
         return self._logits(h[:, -1])
 
-    def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, visual_index: int,
-               cache: KVCache) -> torch.Tensor:
-        """Feed token `visual_index` of the generated part, tokens (S,) at RoPE positions (S,); next logits (S, V).
-
-        The cache is addressed by layout index (prefix_len + visual_index), RoPE by each sequence's own
-        position, so left-padded prompts of different lengths share one layout. Evicts per the policy.
-        """
-        cache.begin_step(visual_index)
-        logits = self.decoding(tokens, position_ids, cache)
-        cache.end_step()
-        return logits
-
-    def _decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Embedding, every layer's cache write and attention, logits (static shapes). (S,), (S,) -> (S, V)."""
-        h = self.model.embed_tokens(tokens)[:, None]  # (S, 1, dim)
-        cos, sin = rotary(position_ids[:, None], self.inv_freq, h.dtype)
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Tokens (S, k) at RoPE positions (S, k) into the cache's reserved slots; logits (S, k, V). The cache
+        is addressed by layout index, RoPE by each sequence's own position, so left-padded prompts of
+        different lengths share one layout."""
+        h = self.model.embed_tokens(tokens)  # (S, k, dim)
+        cos, sin = rotary(positions, self.inv_freq, h.dtype)
         for layer, layer_cache in zip(self.model.layers, cache.layers):
             h = layer.step(h, cos, sin, layer_cache)
-        return self._logits(h[:, 0])
-
-    def compile_decode(self, backend: str = "inductor") -> None:
-        """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
-        self.decoding.compile(self.lm_head.weight.device, backend)
+        return self._logits(h)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lineareval.cache import KVCache
 from lineareval.models.checkpoint import CheckpointError, load_into, load_state_dict_file
 from lineareval.models.hub import checkpoint_files
 from lineareval.models.init import initialise_random
-from lineareval.models.layers import inverse_frequencies, rotary
+from lineareval.models.layers import TextPrefix, inverse_frequencies, rotary
 from lineareval.models.llama import LlamaConfig, LlamaDecoder, Rotary
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,9 @@ class GenerationHead(nn.Module):
         return self.vision_head(nn.functional.gelu(self.proj_out(hidden)))
 
 
-class JanusGenerator(nn.Module):
-    """Text embeddings in, image-token logits out. Module names = checkpoint names without `model.`."""
+class JanusImageLM(nn.Module):
+    """Janus-Pro's image generation: text prefix in, image-token logits out, on our cache.
+    Module names = checkpoint names without `model.`."""
 
     def __init__(self, text: LlamaConfig, gen: JanusGenConfig):
         super().__init__()
@@ -95,6 +97,18 @@ class JanusGenerator(nn.Module):
 
     def image_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.generation_head(hidden).float()
+
+    def cache_spec(self) -> dict:
+        return self.language_model.cache_spec()
+
+    def prefill(self, prefix: TextPrefix, cache: KVCache) -> torch.Tensor:
+        """The formatted prompt (image-start last) into the cache; image-token logits for token 0 (S, V)."""
+        hidden = self.language_model.prefill(self.embed_text(prefix.ids), prefix.positions, prefix.present, cache)
+        return self.image_logits(hidden)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Image tokens (S, k) at RoPE positions (S, k) -> image-token logits (S, k, V)."""
+        return self.image_logits(self.language_model.step(self.embed_image(tokens), positions, cache))
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -121,8 +135,8 @@ OFFICIAL_VQ_RENAMES = ((r"^encoder\.conv_blocks\.", "encoder.down."), (r"^decode
 OFFICIAL_VQ_UNUSED = ("quantize.codebook_used",)  # a training statistic of VQ-16
 
 
-def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, num_patches: int = 24):
-    """Our JanusGenerator and transformers' JanusVQVAE from a Janus folder in either layout (module docstring).
+def load_janus_networks(folder: str | Path, dtype: torch.dtype = torch.float32, num_patches: int = 24):
+    """Our JanusImageLM and transformers' JanusVQVAE from a Janus folder in either layout (module docstring).
 
     `num_patches` (tokens per side) is used for DeepSeek's layout only, whose config.json does not hold it.
     """
@@ -140,7 +154,7 @@ def load_janus(folder: str | Path, dtype: torch.dtype = torch.float32, num_patch
     from transformers.models.janus.configuration_janus import JanusVQVAEConfig
     from transformers.models.janus.modeling_janus import JanusVQVAE
 
-    network = JanusGenerator(text, gen)
+    network = JanusImageLM(text, gen)
     load_into(network, network_state, source=str(folder))
     vqmodel = JanusVQVAE(JanusVQVAEConfig(**vq_fields))
     load_into(vqmodel, vq_state, source=f"{folder} (VQ model)")
@@ -249,7 +263,7 @@ class RoundedRotary(Rotary):
         return rotary(positions, inv_freq, dtype)
 
 
-def set_rope_inv_freq(network: JanusGenerator, choice: str) -> None:
+def set_rope_inv_freq(network: JanusImageLM, choice: str) -> None:
     """`official`: frequencies rounded to the weights' dtype (DeepSeek's code); `float32`: exact (transformers')."""
     if choice not in ROPE_INV_FREQ:
         raise ValueError(f"model.rope_inv_freq must be one of {ROPE_INV_FREQ}, got {choice!r}")
@@ -267,7 +281,7 @@ def random_janus(text: dict, gen: dict, vq: dict, seed: int, dtype: torch.dtype 
 
     torch.manual_seed(seed)
     with torch.device("meta"):
-        network = JanusGenerator(LlamaConfig(**text), JanusGenConfig(**gen))
+        network = JanusImageLM(LlamaConfig(**text), JanusGenConfig(**gen))
     network.to_empty(device=device)
     initialise_random([network], seed, device)
     vqmodel = JanusVQVAE(JanusVQVAEConfig(**vq))

@@ -8,137 +8,29 @@ keys enter the cache after q/k norm and RoPE, exactly as attention uses them.
 
 from __future__ import annotations
 
-import logging
-import os
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lineareval.cache import KVCache, LayerKV
-from lineareval.memory import tensor_bytes
-
-log = logging.getLogger(__name__)
+from lineareval.cache import LayerKV
+from lineareval.models.packed import Linear
 
 QK_NORM_EPS = 1e-5  # fixed in Chameleon's q/k LayerNorm, independent of rms_norm_eps
 
 
-@torch.library.custom_op("lineareval::packed_linear", mutates_args=())
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  rows: int) -> torch.Tensor:
-    """x (M, in) @ weight.T (+ bias) with MKL's packed copy of `weight` for M == rows (else a plain product).
+@dataclass
+class TextPrefix:
+    """The token prefix of S sequences, left-padded to a common length P: ids, RoPE positions and the mask of
+    real tokens, each (S, P) (`present` None: no padding)."""
 
-    An opaque op for torch.compile: inductor only lowers MKL's packed product for weights frozen
-    into the graph, and our decode step keeps them as inputs.
-    """
-    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, rows)
+    ids: torch.Tensor
+    positions: torch.Tensor
+    present: torch.Tensor | None = None
 
-
-@packed_linear.register_fake
-def _(x, packed, weight, bias, rows):
-    return x.new_empty(x.shape[0], weight.shape[0])
-
-
-class PackedWeight(NamedTuple):
-    rows: int
-    weight: torch.Tensor  # MKL's packed layout (opaque), made for products of `rows` rows
-    source: tuple[int, int]  # the packed weight's storage address and version: a changed weight is repacked
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and checkpoint keys) that can use an MKL-packed weight on CPU.
-
-    A decode step multiplies S rows (one token per sequence) by every weight matrix. MKL repacks the
-    weight on every plain fp32 product; a copy packed once for S rows skips that, and each decode
-    product runs about 20% faster on a CPU (measured on the CPU efficiency configuration). Products
-    of another row count (a prefill) and products that need a gradient use the plain product.
-    `pack_linears` makes the copies.
-    """
-
-    packed: PackedWeight | None = None
-
-    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: the copy would be stale
-        self.packed = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # new weights: likewise
-        self.packed = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.packed
-        if (packed is None or x.numel() != packed.rows * x.shape[-1]
-                or (torch.is_grad_enabled() and self.weight.requires_grad)):  # MKL's product has no gradient
-            return F.linear(x, self.weight, self.bias)
-        product = packed_linear if torch.compiler.is_compiling() else torch.ops.mkl._mkl_linear  # eager: no wrapper
-        out = product(x.reshape(packed.rows, -1), packed.weight, self.weight, self.bias, packed.rows)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-
-def can_pack(weight: torch.Tensor) -> bool:
-    """MKL packs fp32 CPU weights (PyTorch built with MKL, as the x86 wheels are)."""
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkl.is_available()
-
-
-def available_memory() -> int:
-    """Bytes of memory the system has available (Linux; elsewhere assume plenty)."""
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 1 << 62
-
-
-def _source(weight: torch.Tensor) -> tuple[int, int]:
-    """The weight's storage address and version: either changes when the weight does."""
-    try:
-        return weight.data_ptr(), weight._version
-    except RuntimeError:  # an inference-mode tensor keeps no version: it cannot change outside inference mode
-        return weight.data_ptr(), -1
-
-
-def pack_linears(module: nn.Module, rows: int) -> int:
-    """Give every `Linear` of `module` an MKL-packed weight for products of `rows` rows (replacing
-    copies packed for another count, or for a weight changed since: moved, loaded or written in place;
-    writes through `.data` keep no version, so pack again after those with `unpack_linears` first).
-
-    Returns the bytes of the packed weights; the copies take about as much again (RSS grows by that
-    much, whatever their opaque tensors' numel says). 0 where MKL cannot pack, and where the copies
-    still to make would take more than half of the memory the system has available (then every
-    product stays plain, with a warning).
-    """
-    packable, stale = [], []
-    for linear in module.modules():
-        if not isinstance(linear, Linear):
-            continue
-        if not can_pack(linear.weight):
-            linear.packed = None
-            continue
-        packable.append(linear)
-        if linear.packed is None or (linear.packed.rows, linear.packed.source) != (rows, _source(linear.weight)):
-            stale.append(linear)
-    missing = tensor_bytes(*(linear.weight for linear in stale))
-    if missing > available_memory() // 2:
-        if not getattr(module, "_packing_refused", False):  # once, not at every batch's new cache
-            log.warning("not packing %.2f GB of decode weights (%.2f GB of memory available): plain products",
-                        missing / 1e9, available_memory() / 1e9)
-        module._packing_refused = True
-        unpack_linears(module)
-        return 0
-    module._packing_refused = False
-    for linear in stale:
-        linear.packed = None  # free the stale copy first
-        with torch.no_grad():
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(linear.weight.detach(), rows)
-        linear.packed = PackedWeight(rows, packed, _source(linear.weight))
-    return tensor_bytes(*(linear.weight for linear in packable))
-
-
-def unpack_linears(module: nn.Module) -> None:
-    """Drop the packed copies (plain products again, and their memory freed)."""
-    for linear in module.modules():
-        if isinstance(linear, Linear):
-            linear.packed = None
+    def __len__(self) -> int:
+        return self.ids.shape[0]
 
 
 class RMSNorm(nn.Module):
@@ -238,7 +130,7 @@ class Attention(nn.Module):
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None))
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV) -> torch.Tensor:
-        """One new token per sequence against the cache (its slot and position are the cache's). x: (S, 1, dim)."""
+        """k new tokens per sequence against the cache, into the slots it reserved. x: (S, k, dim)."""
         q, k, v = self.project(x, cos, sin)
         cache.append(k, v)
         return self.merge(cache.attend(q))
@@ -269,67 +161,3 @@ class DecoderLayer(nn.Module):
 
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV) -> torch.Tensor:
         return self._residuals(x, lambda h: self.self_attn.step(h, cos, sin, cache))
-
-
-class DecodeStep:
-    """A model's decode step, eager or compiled: `torch.compile` (inductor) on CPU, CUDA graphs on GPU.
-
-    The step (embedding, every layer's cache write and attention, logits) has static shapes: the
-    cache is preallocated and what changes per step is either a preallocated tensor or a host number
-    the compiler specialises on (a few booleans) or treats as a dynamic size (the attention width).
-    On GPU the attention width is bucketed to multiples of 64 slots, so CUDA graphs are recorded for
-    a handful of widths, every step attends with the occupancy mask, and the stores are marked static
-    so that graphs never copy them. The step compiles to one graph per occupancy-mask state (at most
-    two; tests/test_compile_readiness.py proves the bound and the absence of host synchronisation).
-    Compilation happens on the first steps of the first generation (a warm-up, excluded from timing).
-
-    On a CPU (fp32, MKL) every new cache also packs `module`'s `Linear` weights for products of as
-    many rows as the cache has sequences (`pack_linears`), eager or compiled: a second copy of those
-    weights in memory, for about 20% faster decode products.
-    """
-
-    RECOMPILE_LIMIT = 64  # a graph per mask state (tests/test_compile_readiness.py) x the policies of a process
-
-    def __init__(self, step, module: nn.Module):
-        self.step, self.module = step, module
-        self.compiled = False
-        self.cuda_graphs = False
-        self.width_multiple = 64  # CUDA graphs: attention widths bucketed to multiples of this many slots
-        self._caches: dict[tuple, KVCache] = {}  # CUDA graphs: caches kept for the next generation
-
-    def compile(self, device: torch.device | str, backend="inductor") -> None:
-        """torch.compile the step: one graph (`fullgraph=True`: a graph break is an error), sizes symbolic from
-        the start. `backend` is torch.compile's (tests record graphs instead of compiling them)."""
-        self.cuda_graphs = torch.device(device).type == "cuda"
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, self.RECOMPILE_LIMIT)
-        mode = "reduce-overhead" if self.cuda_graphs and backend == "inductor" else None
-        self.step = torch.compile(self.step, backend=backend, mode=mode, fullgraph=True, dynamic=True)
-        self.compiled = True
-
-    def new_cache(self, build, policy, key: tuple, sequences: int) -> KVCache:
-        """`build(**options)` for `sequences` rows; with CUDA graphs, a kept cache, emptied, when `key` (what shapes it)
-        matches. A compiled step's cache gets a spare slot (`KVCache(spare_slot=True)`: one graph for every width).
-
-        CUDA graphs bake in the stores' addresses: reusing the stores lets the next generation replay
-        the recorded graphs instead of re-recording them. `key[:2]` is (policy, budget); caches of
-        another policy or budget are released first, and at most two are kept (Lumina-mGPT runs the
-        conditional and the unconditional sequences in two caches), so memory follows the run.
-        """
-        if not self.cuda_graphs:
-            pack_linears(self.module, sequences)  # CPU fp32 only; elsewhere nothing to pack
-            return build(spare_slot=self.compiled)
-        if key in self._caches:
-            cache = self._caches[key]
-            cache.reset(policy)
-            return cache
-        for held in [held for held in self._caches if held[:2] != key[:2]] + list(self._caches)[:-1]:
-            self._caches.pop(held, None)  # release before allocating
-        cache = self._caches[key] = build(spare_slot=self.compiled)
-        cache.prepare_for_cuda_graphs(self.width_multiple)
-        return cache
-
-    def __call__(self, *args):
-        if self.cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been consumed
-        return self.step(*args)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from lineareval.cache import KVCache
-from lineareval.models.layers import DecodeStep, DecoderLayer, RMSNorm, inverse_frequencies, rotary
+from lineareval.models.layers import DecoderLayer, RMSNorm, inverse_frequencies, rotary
 
 
 @dataclass
@@ -81,7 +81,6 @@ class LlamaDecoder(nn.Module):
                          config.rms_norm_eps) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.head_dim, config.rope_theta)
-        self.decoding = DecodeStep(self._decode_step, self)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
                 masks: list[torch.Tensor] | torch.Tensor | None = None) -> torch.Tensor:
@@ -91,39 +90,24 @@ class LlamaDecoder(nn.Module):
             h = layer(h, cos, sin, masks[index] if isinstance(masks, list) else masks)
         return self.norm(h)
 
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, present: torch.Tensor,
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, present: torch.Tensor | None,
                 cache: KVCache) -> torch.Tensor:
         """Prefix into the cache. embeds (S, P, hidden), positions/present (S, P) -> last hidden (S, hidden)."""
-        cache.begin_prefix()
-        (cos, sin), mask, h = self.rotary(positions, embeds.dtype), prefix_mask(present), embeds
+        mask = None if present is None else prefix_mask(present)
+        (cos, sin), h = self.rotary(positions, embeds.dtype), embeds
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, cos, sin, mask, layer_cache, present)
         return self.norm(h[:, -1])
 
-    def decode(self, embeds: torch.Tensor, positions: torch.Tensor, visual_index: int,
-               cache: KVCache) -> torch.Tensor:
-        """One token per sequence. embeds (S, hidden), positions (S,) RoPE positions -> hidden (S, hidden)."""
-        cache.begin_step(visual_index)
-        hidden = self.decoding(embeds, positions, cache)
-        cache.end_step()
-        return hidden
-
-    def _decode_step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Every layer's cache write and attention for one token per sequence (static shapes)."""
-        (cos, sin), h = self.rotary(positions[:, None], embeds.dtype), embeds[:, None]
+    def step(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """k tokens per sequence into the cache's reserved slots. embeds (S, k, hidden), RoPE positions (S, k)
+        -> hidden (S, k, hidden)."""
+        (cos, sin), h = self.rotary(positions, embeds.dtype), embeds
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer.step(h, cos, sin, layer_cache)
-        return self.norm(h[:, 0])
+        return self.norm(h)
 
-    def compile_decode(self, backend: str = "inductor") -> None:
-        """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
-        self.decoding.compile(self.embed_tokens.weight.device, backend)
-
-    def new_cache(self, policy, budget: int, sequences: int, layout) -> KVCache:
+    def cache_spec(self) -> dict:
         weight = self.embed_tokens.weight
-        return self.decoding.new_cache(
-            lambda **options: KVCache(policy, layout, budget, num_layers=self.config.num_hidden_layers,
-                                      sequences=sequences, heads=self.config.num_attention_heads,
-                                      head_dim=self.config.head_dim, dtype=weight.dtype, device=weight.device,
-                                      **options),
-            policy, (repr(policy), budget, sequences, layout), sequences)
+        return {"num_layers": self.config.num_hidden_layers, "heads": self.config.num_attention_heads,
+                "head_dim": self.config.head_dim, "dtype": weight.dtype, "device": weight.device}

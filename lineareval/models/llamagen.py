@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lineareval.cache import KVCache, LayerKV, TokenLayout
-from lineareval.models.layers import DecodeStep, Linear, RMSNorm
+from lineareval.models.layers import RMSNorm
+from lineareval.models.packed import Linear
 
 SIZES = {"B": (12, 12, 768), "L": (24, 16, 1024), "XL": (36, 20, 1280), "XXL": (48, 24, 1536), "3B": (24, 32, 3200)}
 
@@ -80,9 +81,9 @@ def rope_table_2d(grid: int, head_dim: int, base: float, prefix_len: int) -> tor
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs in fp32. x: (S, T, H, D); table: (T, D/2, 2)."""
+    """Rotate interleaved pairs in fp32. x: (S, T, H, D); table: (S or 1, T, D/2, 2)."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]
+    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]
     rotated = torch.stack([pairs[..., 0] * cos - pairs[..., 1] * sin, pairs[..., 1] * cos + pairs[..., 0] * sin], -1)
     return rotated.flatten(3).type_as(x)
 
@@ -106,7 +107,7 @@ class Attention(nn.Module):
         self.wo = Linear(config.dim, config.dim, bias=False)
 
     def project(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(S, T, dim) -> q, k, v each (S, H, T, D), q and k rotated."""
+        """(S, T, dim), rope (S or 1, T, D/2, 2) -> q, k, v each (S, H, T, D), q and k rotated."""
         batch, length, _ = x.shape
         q, k, v = self.wqkv(x).view(batch, length, 3, self.n_head, self.head_dim).unbind(2)
         return apply_rope(q, rope).transpose(1, 2), apply_rope(k, rope).transpose(1, 2), v.transpose(1, 2)
@@ -123,7 +124,7 @@ class Attention(nn.Module):
         return self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None))
 
     def step(self, x: torch.Tensor, rope: torch.Tensor, cache: LayerKV) -> torch.Tensor:
-        """One new token per sequence against the cache (its slot and position are the cache's). x: (S, 1, dim)."""
+        """k new tokens per sequence against the cache, into the slots it reserved. x: (S, k, dim)."""
         q, k, v = self.project(x, rope)
         cache.append(k, v)
         return self.merge(cache.attend(q))
@@ -168,7 +169,6 @@ class LlamaGen(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = Linear(config.dim, config.vocab_size, bias=False)
         self.register_buffer("rope", self._rope_table(), persistent=False)
-        self.decoding = DecodeStep(self._decode_step, self)
 
     def _rope_table(self, device: torch.device | None = None) -> torch.Tensor:
         config = self.config
@@ -188,17 +188,10 @@ class LlamaGen(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def new_cache(self, policy, budget: int, sequences: int) -> KVCache:
-        dtype, device = self.tok_embeddings.weight.dtype, self.tok_embeddings.weight.device
-        return self.decoding.new_cache(
-            lambda **options: KVCache(policy, self.layout, budget, num_layers=self.config.n_layer, sequences=sequences,
-                                      heads=self.config.n_head, head_dim=self.config.head_dim, dtype=dtype,
-                                      device=device, **options),
-            policy, (repr(policy), budget, sequences), sequences)
-
-    def compile_decode(self, backend: str = "inductor") -> None:
-        """Compile the decode step (inductor; CUDA graphs on GPU). Compilation happens on the first steps."""
-        self.decoding.compile(self.output.weight.device, backend)
+    def cache_spec(self) -> dict:
+        weight = self.tok_embeddings.weight
+        return {"num_layers": self.config.n_layer, "heads": self.config.n_head, "head_dim": self.config.head_dim,
+                "dtype": weight.dtype, "device": weight.device}
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h)).float()
@@ -210,34 +203,27 @@ class LlamaGen(nn.Module):
         `masks[i]` (S, H, 1+T, 1+T), True = attend, replaces the causal mask in layer i (oracle tests).
         """
         h = torch.cat([self.cls_embedding.embedding_table(labels)[:, None], self.tok_embeddings(tokens)], dim=1)
-        rope = self.rope[: h.shape[1]]
+        rope = self.rope[None, : h.shape[1]]
         for index, layer in enumerate(self.layers):
             h = layer(h, rope, None if masks is None else masks[index])
         return self._logits(h)
 
     def prefill(self, labels: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run the class token, store its keys/values; logits for visual token 0. (S,) -> (S, V)."""
-        cache.begin_prefix()
         h = self.cls_embedding.embedding_table(labels)[:, None]  # (S, 1, dim)
-        rope = self.rope[: self.layout.prefix_len]
+        rope = self.rope[None, : self.layout.prefix_len]
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer(h, rope, cache=layer_cache)
         return self._logits(h[:, -1])
 
-    def decode(self, tokens: torch.Tensor, visual_index: int, cache: KVCache) -> torch.Tensor:
-        """Feed visual token `visual_index` (S,); logits for the next one (S, V). Evicts per the policy."""
-        cache.begin_step(visual_index)  # host bookkeeping: slot, width, mask; refills the step tensors
-        logits = self.decoding(tokens, cache)
-        cache.end_step()  # eviction, outside the compiled step: it runs at scoring points only
-        return logits
-
-    def _decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Embedding, every layer's cache write and attention, logits: static shapes. (S,) -> (S, V)."""
-        rope = self.rope.index_select(0, cache.step.position.view(1))  # (1, D/2, 2); no host read of the index
-        h = self.tok_embeddings(tokens)[:, None]  # (S, 1, dim)
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Feed visual tokens (S, k) at sequence positions (S, k) (the class token is position 0); logits
+        (S, k, V). Static shapes for k = 1: the decode step the decoder compiles."""
+        rope = self.rope.index_select(0, positions.reshape(-1)).view(*positions.shape, *self.rope.shape[1:])
+        h = self.tok_embeddings(tokens)  # (S, k, dim)
         for layer, layer_cache in zip(self.layers, cache.layers):
             h = layer.step(h, rope, layer_cache)
-        return self._logits(h[:, 0])
+        return self._logits(h)
 
 
 def build_llamagen(size: str | None = None, **fields) -> LlamaGen:

@@ -1,0 +1,183 @@
+"""The decoding loop, once for every model family: prefix, guidance, constraints, sampling, cache steps.
+
+A model family is data and a few hooks (`Family`): how conditions become the prefixes of one or two
+caches (`Branch`: LlamaGen and Janus-Pro batch the conditional and unconditional CFG rows in one cache,
+Lumina-mGPT runs the unconditional context in a second cache), which tokens are forced (Lumina's
+new-line at each line end) and which are allowed (Lumina's image tokens), and how tokens become
+images. The loop samples visual token i of every image from the guided logits, feeds it to every
+branch at each sequence's own RoPE position and lets the cache policy evict; it is the same for all
+families, so guidance and its interval, timing and observation are written once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import Protocol
+
+import torch
+
+from lineareval.cache import CachePolicy, KVCache, TokenLayout
+from lineareval.decoding.stepper import Stepper
+from lineareval.sampling import SamplingConfig, draw_tokens, stream_keys
+
+StepObserver = Callable[[int, KVCache], None]
+
+
+@dataclass
+class Branch:
+    """One cache's sequences: what the model's `prefill` takes, how many rows, the cache layout, and each
+    row's RoPE position of visual token 0 (`offsets`, (rows,))."""
+
+    prefix: object
+    rows: int
+    layout: TokenLayout
+    offsets: torch.Tensor
+
+
+class Family(Protocol):
+    """What differs between model families, as data and small hooks."""
+
+    conditioning: str  # "class" or "text"
+
+    @property
+    def layout(self) -> TokenLayout:
+        """The visual layout (its prefix length is the family's, or 0 when it varies with the prompts)."""
+
+    def branches(self, conditions, guided: bool) -> list[Branch]:
+        """The caches of one batch; with guidance their rows are [conditional; unconditional] in order."""
+
+    def forced(self, visual_index: int) -> int | None:
+        """A token the layout forces at `visual_index` (never sampled), or None."""
+
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask tokens the layout forbids (B, V)."""
+
+
+@dataclass
+class Generation:
+    """Sampled visual tokens (B, N) and the caches that produced them (one per CFG branch if unbatched)."""
+
+    tokens: torch.Tensor
+    caches: list[KVCache]
+
+    def capacity_bytes(self) -> int:
+        return sum(cache.capacity_bytes() for cache in self.caches)
+
+    def high_water_bytes(self) -> int:
+        return sum(cache.high_water_bytes() for cache in self.caches)
+
+
+class Sampler:
+    """`sample_tokens` under the run's sampling config, compiled with the decode step when asked.
+
+    Compiling matters on a CPU: the counter-hash Gumbel noise is about twenty elementwise integer
+    operations over (B, V), which inductor fuses into one loop; the draws are identical. The
+    (seed, token index) keys are hashed in Python first, so the compiled part is one graph that
+    takes the step's key as a number (dynamic after the second step: no recompile per token).
+    """
+
+    def __init__(self, config: SamplingConfig, compile: bool = False, backend: str = "inductor"):
+        self.config = config
+        self.function = torch.compile(draw_tokens, backend=backend, fullgraph=True) if compile else draw_tokens
+
+    def __call__(self, logits: torch.Tensor, seed: int, sample_ids: torch.Tensor, token_index: int) -> torch.Tensor:
+        """logits (B, V) -> tokens (B,)."""
+        return self.function(logits, self.config, sample_ids, *stream_keys(seed, token_index))
+
+
+class StepTimer:
+    """Wall time of every decode step, without slowing the loop down.
+
+    The decoder calls `begin()` once the prefix is in the cache and `step()` after each decode step;
+    step i is then the time to sample visual token i and feed it through the model (and evict).
+    On CPU each call stores one `perf_counter` in a preallocated list; on GPU it records one
+    preallocated CUDA event, and `seconds()` synchronises once, after the generation.
+    """
+
+    def __init__(self, steps: int, device: torch.device | str):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks: list = ([torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if self.cuda
+                            else [0.0] * (steps + 1))
+        self.count = 0
+
+    def begin(self) -> None:
+        self.count = 0
+        self.step()
+
+    def step(self) -> None:
+        if self.cuda:
+            self.marks[self.count].record()
+        else:
+            self.marks[self.count] = time.perf_counter()
+        self.count += 1
+
+    def seconds(self) -> list[float]:
+        """Seconds of each step recorded so far (one fewer than the marks)."""
+        marks = self.marks[: self.count]
+        if self.cuda:
+            marks[-1].synchronize()
+            return [start.elapsed_time(end) / 1e3 for start, end in pairwise(marks)]
+        return [end - start for start, end in pairwise(marks)]
+
+
+class Decoder:
+    """Sequential decoding of any `CachedModel` under any cache policy, for any `Family`."""
+
+    def __init__(self, model: torch.nn.Module, family: Family, sampling: SamplingConfig, *, compile: bool = False,
+                 backend: str = "inductor"):
+        self.model, self.family, self.sampling = model, family, sampling
+        self.stepper = Stepper(model)
+        if compile:
+            self.stepper.compile(next(model.parameters()).device, backend)
+        self.sample = Sampler(sampling, compile=compile, backend=backend)
+
+    @property
+    def compiled(self) -> bool:
+        return self.stepper.compiled
+
+    def guide(self, logits: torch.Tensor, visual_index: int) -> torch.Tensor:
+        """(S, V) -> (B, V): classifier-free guidance on [cond; uncond] rows, as every official sampler, while
+        `cfg_interval` keeps it on."""
+        if not self.sampling.guided:
+            return logits
+        cond, uncond = logits.chunk(2)
+        if not self.sampling.guidance_at(visual_index):
+            return cond
+        return uncond + (cond - uncond) * self.sampling.cfg_scale
+
+    @torch.inference_mode()
+    def generate(self, conditions, sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
+                 observer: StepObserver | None = None, timer: StepTimer | None = None) -> Generation:
+        """Sample the N visual tokens of each image. conditions: class labels (B,) or B prompts; sample_ids (B,)
+        the randomness keys -> tokens (B, N) int64.
+
+        `observer(visual_index, cache)` runs after each decode step with the first cache (tests record
+        its contents); `timer` records the wall time of each step.
+        """
+        branches = self.family.branches(conditions, self.sampling.guided)
+        caches = [self.stepper.new_cache(policy, budget, branch.rows, branch.layout) for branch in branches]
+        logits = [self.stepper.prefill(branch.prefix, cache) for branch, cache in zip(branches, caches)]
+        batch, num_visual = len(sample_ids), self.family.layout.num_visual
+        tokens = torch.empty(batch, num_visual, dtype=torch.long, device=sample_ids.device)
+        if timer is not None:
+            timer.begin()
+        for index in range(num_visual):
+            forced = self.family.forced(index)
+            if forced is None:
+                guided = self.family.constrain(self.guide(torch.cat(logits), index))
+                token = self.sample(guided, seed, sample_ids, index)
+            else:
+                token = torch.full((batch,), forced, dtype=torch.long, device=sample_ids.device)
+            tokens[:, index] = token
+            if index == num_visual - 1:
+                break
+            logits = [self.stepper.decode(token.repeat(branch.rows // batch), index, cache, branch.offsets + index)
+                      for branch, cache in zip(branches, caches)]
+            if observer is not None:
+                observer(index, caches[0])
+            if timer is not None:
+                timer.step()
+        return Generation(tokens, caches)
