@@ -1,4 +1,4 @@
-"""Config helpers: the `path_safe` resolver, run field checks, and device/dtype resolution."""
+"""Config helpers: the `path_safe` and `run_key` resolvers, run field checks, and device/dtype resolution."""
 
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ def path_safe(value) -> str:
 
 
 def register_resolvers() -> None:
+    from lineareval.identity import run_key
+
     if not OmegaConf.has_resolver("path_safe"):
         OmegaConf.register_new_resolver("path_safe", path_safe)
+    if not OmegaConf.has_resolver("run_key"):
+        OmegaConf.register_new_resolver("run_key", run_key)
 
 
 STAGES = ("generate", "evaluate", "all")
