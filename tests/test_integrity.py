@@ -55,6 +55,128 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from lineareval.runlock import RunLock
+lock = RunLock(Path(sys.argv[1])).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Start another process that holds a run folder's lock; yields a function run_dir -> that process."""
+    started = []
+
+    def hold(run_dir: Path) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], env=environment(),
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        started.append(process)
+        line = process.stdout.readline()
+        assert line.strip() == "locked", line + process.stdout.read()
+        return process
+
+    yield hold
+    for process in started:
+        process.kill()
+        process.wait()
+
+
+# --- 1. one writer per run folder ---
+
+def test_a_run_folder_held_by_another_process_is_refused_naming_the_holder(make_config, holder):
+    cfg = make_config(*SMALL)
+    other = holder(Path(cfg.run_dir))
+    with pytest.raises(runner.RunLockedError, match=rf"pid {other.pid} on host {os.uname().nodename} since 20"):
+        run(cfg)
+    assert sorted(path.name for path in Path(cfg.run_dir).iterdir()) == [".lock"]  # nothing of this run written
+
+
+def test_the_lock_is_released_when_its_holder_is_killed(make_config, holder):
+    cfg = make_config(*SMALL)
+    other = holder(Path(cfg.run_dir))
+    other.send_signal(signal.SIGKILL)
+    other.wait()
+    record = run(cfg)  # no stale lock to remove by hand
+    assert record["num_samples"] == 4 and (Path(cfg.run_dir) / "metrics.json").exists()
+
+
+TIMED_GENERATION = runner.timed_generation
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, batches: int) -> list[int]:
+    """Make the runner raise after sampling `batches` batches (a kill mid-run); returns the first id of each batch."""
+    calls, original = [], TIMED_GENERATION
+
+    def counted(generator, policy, budget, conditions, sample_ids, seed, device):
+        if len(calls) == batches:
+            raise Interrupted
+        calls.append(int(sample_ids[0]))
+        return original(generator, policy, budget, conditions, sample_ids, seed, device)
+
+    monkeypatch.setattr(runner, "timed_generation", counted)
+    return calls
+
+
+def test_a_shard_of_another_configuration_is_sampled_again_never_merged(make_config, tmp_path, monkeypatch):
+    """An unfinished top_k=0 run whose shards/ got a top_k=5 shard of the same name (copied in)."""
+    SIX = (*SMALL, "num_samples=6")
+    run(make_config(*SIX, f"run_dir={tmp_path / 'reference'}"))
+    interrupt_after(monkeypatch, 2)
+    with pytest.raises(Interrupted):
+        run(make_config(*SIX, "sampling.top_k=5", f"run_dir={tmp_path / 'other'}"))
+    interrupt_after(monkeypatch, 1)
+    with pytest.raises(Interrupted):
+        run(make_config(*SIX, f"run_dir={tmp_path / 'target'}"))
+    foreign = shards.Shard(2, 4).path(tmp_path / "other" / "shards")
+    shutil.copy(foreign, shards.Shard(2, 4).path(tmp_path / "target" / "shards"))
+    calls = interrupt_after(monkeypatch, 99)
+    run(make_config(*SIX, f"run_dir={tmp_path / 'target'}"))
+    assert calls == [2, 4]  # the copied shard was sampled again
+    np.testing.assert_array_equal(tokens_of(tmp_path / "target"), tokens_of(tmp_path / "reference"))
+    assert not np.array_equal(np.load(foreign)["tokens"], tokens_of(tmp_path / "reference")[2:4])
+
+
+@pytest.mark.slow  # about 20 s: torchrun starts three processes
+def test_torchrun_ranks_stop_together_on_a_locked_run_folder(tmp_path, holder):
+    """Rank 0 takes the lock for the job and shares the outcome: no rank samples, none waits at a barrier."""
+    run_dir = tmp_path / "locked"
+    other = holder(run_dir)
+    began = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "run.py"), *SMALL, "device=cpu", f"run_dir={run_dir}",
+                           f"weights_dir={tmp_path / 'weights'}"],
+                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and time.monotonic() - began < 120, output[-3000:]
+    assert output.count(f"RunLockedError: {run_dir} is being written by pid {other.pid}") == 2, output[-3000:]
+    assert not (run_dir / "shards").exists() and not (run_dir / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_started_together_never_mix_their_samples(tmp_path):
+    """The issue's reproduction: top_k=0 and top_k=1 started at once on one run folder."""
+    run_dir = tmp_path / "shared"
+    common = (*SMALL, "num_samples=12", f"run_dir={run_dir}")
+    processes = [cli(tmp_path, *common, f"sampling.top_k={top_k}") for top_k in (0, 1)]
+    results = [finish(process) for process in processes]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], [output[-2000:] for _, output in results]
+    refused = next(output for code, output in results if code == 2)
+    assert "RunLockedError" in refused or "RunConflictError" in refused  # locked, or finished under the other
+    finished_top_k = json.loads((run_dir / "identity.json").read_text())["config"]["sampling"]["top_k"]
+    expected = tmp_path / "expected"
+    run_one = cli(tmp_path, *SMALL, "num_samples=12", f"run_dir={expected}", f"sampling.top_k={finished_top_k}")
+    assert finish(run_one)[0] == 0
+    np.testing.assert_array_equal(tokens_of(run_dir), tokens_of(expected))
+
+
 # --- 2. the default run folder names every setting that changes a sample ---
 
 SAMPLE_SETTINGS = [("sampling.cfg_scale=1.5", "sampling.cfg_scale=2.0"), ("sampling.top_k=0", "sampling.top_k=1"),
@@ -91,3 +213,162 @@ def test_benchmark_sample_settings_name_the_run_folder_but_data_locations_do_not
     default = folder()
     monkeypatch.setenv("LINEAREVAL_DATA", "/elsewhere/data")  # the same reference batch, another mount point
     assert folder() == default
+
+
+# --- 3. run identity: what determines the samples, not paths or spelling ---
+
+def test_spelling_copies_and_environment_do_not_change_run_identity(make_config, tmp_path, monkeypatch):
+    cfg = make_config(*SMALL, f"run_dir={tmp_path / 'run'}")
+    first = run(cfg)
+    metrics = tmp_path / "run" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    assert run(make_config(*SMALL, f"run_dir={tmp_path / 'run'}/")) == first  # trailing slash
+    assert run(make_config(*SMALL, f"run_dir={tmp_path / 'run'}", f"weights_dir={tmp_path / 'w2'}")) == first
+    assert run(make_config(*SMALL, f"run_dir={tmp_path / 'run'}", "batch_size=4")) == first
+    if not torch.cuda.is_available():
+        assert run(make_config(*SMALL, f"run_dir={tmp_path / 'run'}", "device=auto")) == first
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    assert run(make_config(*SMALL, f"run_dir={tmp_path / 'copy'}")) == first  # a copied folder
+    assert metrics.stat().st_mtime_ns == stamp
+
+
+def test_a_real_difference_names_the_field_both_values_and_the_choices(make_config, tmp_path):
+    run(make_config(*SMALL, f"run_dir={tmp_path / 'run'}"))
+    with pytest.raises(RunConflictError) as raised:
+        run(make_config(*SMALL, f"run_dir={tmp_path / 'run'}", "sampling.top_k=5"))
+    message = str(raised.value)
+    assert "sampling.top_k: 0 (stored) -> 5 (now)" in message and "force=true" in message and "run_dir=" in message
+    assert "batch_size" not in message and "run_dir:" not in message
+
+
+def test_weights_match_by_content_wherever_the_file_is(make_config, tmp_path, monkeypatch):
+    """The demo checkpoint copied to another folder resumes the same run; a changed file of that name does not."""
+    import lineareval.demo as demo
+
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for name in ("demo_c2i.pt", "demo_vq.pt"):
+        shutil.copy(Path(demo.__file__).parent / name, copies / name)
+    moved = (f"model.gpt_ckpt={copies / 'demo_c2i.pt'}", f"model.vq_ckpt={copies / 'demo_vq.pt'}")
+    common = ("model=demo", "num_samples=2", "batch_size=1", "decode_images=false")
+    assert make_config(*common, *moved).run_dir == make_config(*common).run_dir
+    for run_dir in ("run", "changed"):
+        interrupt_after(monkeypatch, 1)
+        with pytest.raises(Interrupted):
+            run(make_config(*common, f"run_dir={tmp_path / run_dir}"))  # the packaged files
+    calls = interrupt_after(monkeypatch, 99)
+    run(make_config(*common, *moved, f"run_dir={tmp_path / 'run'}"))
+    assert calls == [1]  # the copies are the same weights: the first shard is reused
+    state = torch.load(copies / "demo_c2i.pt", weights_only=True)
+    key = next(name for name, tensor in state["model"].items() if tensor.is_floating_point())
+    state["model"][key] = state["model"][key] + 1.0
+    torch.save(state, copies / "demo_c2i.pt")  # same name and size, other weights
+    with pytest.raises(RunConflictError, match=r"(?s)content.weight_files: .*demo_c2i\.pt"):
+        run(make_config(*common, *moved, f"run_dir={tmp_path / 'changed'}"))
+
+
+# --- 5. leftovers and SIGTERM ---
+
+def test_a_rerun_removes_what_interrupted_runs_left(make_config, tmp_path):
+    cfg = make_config(*SMALL)
+    run_dir = Path(cfg.run_dir)
+    run(cfg)
+    merge_left = run_dir / ".samples.npz.0123abcd.tmp"  # SIGKILL during the merge's streamed write
+    merge_left.write_bytes(b"\0" * 1000)
+    (run_dir / "shards").mkdir()  # SIGKILL between metrics.json and removing the merged shards
+    (run_dir / "shards" / "shard-00000000-00000002.npz").write_bytes(b"merged already")
+    (run_dir / "shards" / ".shard-00000002-00000004.npz.89abcdef.tmp").write_bytes(b"half")
+    keep_mine = run_dir / "notes.txt"  # not ours: left alone
+    keep_mine.write_text("mine")
+    run(cfg)
+    assert not merge_left.exists() and not (run_dir / "shards").exists() and keep_mine.read_text() == "mine"
+
+
+def test_sigterm_keeps_finished_shards_says_how_to_resume_and_the_rerun_completes(make_config, tmp_path):
+    overrides = (*SMALL, "num_samples=6", "batch_size=1", f"run_dir={tmp_path / 'run'}")
+    process = cli(tmp_path, *overrides)
+    shard_dir = tmp_path / "run" / "shards"
+    wait_for(lambda: process.poll() is not None or len(list(shard_dir.glob("shard-*.npz"))) >= 2, 240,
+             "two finished shards")
+    process.send_signal(signal.SIGTERM)  # what Slurm sends at the time limit
+    code, output = finish(process)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert "SIGTERM" in output and "run the same command again to resume" in output, output[-3000:]
+    kept = sorted(shard_dir.glob("shard-*.npz"))
+    assert 2 <= len(kept) < 6 and not list(shard_dir.glob(".*.tmp"))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    record = run(make_config(*overrides))
+    reference = make_config(*SMALL, "num_samples=6", f"run_dir={tmp_path / 'reference'}")
+    run(reference)
+    np.testing.assert_array_equal(tokens_of(tmp_path / "run"), tokens_of(tmp_path / "reference"))
+    assert record["num_samples"] == 6
+
+
+# --- 6. every run field checked, with the accepted range ---
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("seed=abc", r"seed must be an integer in \[0, 2\*\*32\), got 'abc'"),
+    ("seed=1.5", r"seed must be an integer in \[0, 2\*\*32\), got 1.5"),
+    ("seed=-1", r"seed must be an integer in \[0, 2\*\*32\)"),
+    ("seed=4294967296", r"seed must be an integer in \[0, 2\*\*32\)"),
+    ("sampling.top_k=-5", r"sampling.top_k must be an integer >= 0 \(0 = off, 1 = greedy\), got -5"),
+    ("sampling.top_k=2.5", r"sampling.top_k must be an integer >= 0"),
+    ("sampling.temperature=0", r"sampling.temperature must be a number > 0 .*top_k=1"),
+    ("sampling.temperature=nan", r"sampling.temperature must be a number > 0"),
+    ("sampling.cfg_scale=-1", r"sampling.cfg_scale must be a number >= 1 \(1 = no guidance"),
+    ("sampling.cfg_scale=0.5", r"sampling.cfg_scale must be a number >= 1"),
+    ("sampling.cfg_interval=-2", r"sampling.cfg_interval must be an integer >= -1"),
+    ("sampling.top_p=0", r"sampling.top_p must be a number in \(0, 1\]"),
+    ("sampling.top_p=1.5", r"sampling.top_p must be a number in \(0, 1\]"),
+    ("sampling.top_k=true", r"sampling.top_k must be an integer >= 0"),
+    ("+sampling.min_p=0.1", r"sampling.min_p is not a sampling field"),
+])
+def test_bad_run_fields_are_refused_with_the_accepted_range(make_config, override, message):
+    cfg = make_config(*SMALL, override)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    assert not Path(cfg.run_dir).exists()  # refused before the folder is touched
+
+
+def test_greedy_and_guidance_edges_are_accepted(make_config):
+    record = run(make_config(*SMALL, "num_samples=2", "sampling.top_k=1", "sampling.cfg_scale=1", "sampling.top_p=1"))
+    assert record["num_samples"] == 2
+
+
+def test_cli_bad_seed_is_one_clear_line(tmp_path):
+    code, output = finish(cli(tmp_path, *SMALL, "seed=abc"))
+    assert code == 2 and "seed must be an integer in [0, 2**32), got 'abc'" in output
+    assert "Traceback" not in output
+
+
+# --- 8. storage errors ---
+
+def failing_fsync(match: str):
+    """os.fsync that fails with ENOSPC for files whose path contains `match` (a disk that fills up there)."""
+    original = os.fsync
+
+    def fsync(fd: int) -> None:
+        if match in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        original(fd)
+
+    return fsync
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc to name the file being written")
+def test_a_full_disk_says_where_keeps_finished_shards_and_never_looks_finished(make_config, tmp_path, monkeypatch):
+    cfg = make_config(*SMALL, "num_samples=6", f"run_dir={tmp_path / 'run'}")
+    monkeypatch.setattr(os, "fsync", failing_fsync("shard-00000004-00000006"))
+    with pytest.raises(runner.StorageError, match=r"could not write .*shard-00000004-00000006\.npz: No space left "
+                                                  r"on device \([0-9.]+ GiB free.*run the same command again"):
+        run(cfg)
+    run_dir = tmp_path / "run"
+    assert not (run_dir / "metrics.json").exists() and not list(run_dir.rglob("*.tmp"))
+    assert len(list((run_dir / "shards").glob("shard-*.npz"))) == 2
+    monkeypatch.undo()  # space freed
+    calls = interrupt_after(monkeypatch, 99)
+    run(make_config(*SMALL, "num_samples=6", f"run_dir={tmp_path / 'run'}"))
+    assert calls == [4]
+    reference = make_config(*SMALL, "num_samples=6", f"run_dir={tmp_path / 'reference'}")
+    run(reference)
+    np.testing.assert_array_equal(tokens_of(run_dir), tokens_of(tmp_path / "reference"))

@@ -59,7 +59,7 @@ def test_a_different_config_in_a_finished_run_dir_is_an_error(make_config):
     before = (Path(cfg.run_dir) / "metrics.json").read_bytes()
     other = make_config(*SMALL, "num_samples=1", "decode_images=false")
     assert other.run_dir != cfg.run_dir  # the default folders differ; an explicit run_dir must not mix them
-    with pytest.raises(RunConflictError, match="num_samples"):
+    with pytest.raises(RunConflictError, match=r"num_samples: 2 \(stored\) -> 1 \(now\)"):
         run(make_config(*SMALL, "num_samples=1", "decode_images=false", f"run_dir={cfg.run_dir}"))
     assert (Path(cfg.run_dir) / "metrics.json").read_bytes() == before  # nothing lost
 
@@ -81,7 +81,7 @@ def test_budget_below_the_policy_minimum_stops_before_generating(make_config):
     cfg = make_config(*SMALL, "cache=linear", "keep=1/16")  # 4 tokens; LineAR needs 2 lines = 16
     with pytest.raises(BudgetError, match=r"needs at least 16.*keep >= 1/4"):
         run(cfg)
-    assert not Path(cfg.run_dir).exists()
+    assert [path.name for path in Path(cfg.run_dir).iterdir()] == [".lock"]  # only the lock: nothing of the run
 
 
 def test_full_cache_rejects_a_budget(make_config):

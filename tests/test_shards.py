@@ -93,7 +93,7 @@ def test_shards_of_another_config_are_refused_then_discarded_with_force(make_con
     with pytest.raises(Interrupted):
         run(make_config(*SMALL))
     changed = (*SMALL, "sampling.top_k=5", f"run_dir={make_config(*SMALL).run_dir}")
-    with pytest.raises(RunConflictError, match="unfinished run.*sampling"):
+    with pytest.raises(RunConflictError, match=r"(?s)unfinished run.*sampling.top_k: 0 \(stored\) -> 5 \(now\)"):
         run(make_config(*changed))
     calls = count_batches(monkeypatch)
     run(make_config(*changed, "force=true"))
