@@ -372,3 +372,41 @@ def test_a_full_disk_says_where_keeps_finished_shards_and_never_looks_finished(m
     reference = make_config(*SMALL, "num_samples=6", f"run_dir={tmp_path / 'reference'}")
     run(reference)
     np.testing.assert_array_equal(tokens_of(run_dir), tokens_of(tmp_path / "reference"))
+
+
+def read_only(folder: Path, command: list[str]) -> list[str]:
+    """`command` with `folder` read-only: a read-only bind mount in a user namespace, else chmod (not as root)."""
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind -o ro '{folder}' '{folder}'"],
+                           capture_output=True) if shutil.which("unshare") else None
+    if probe is not None and probe.returncode == 0:
+        script = f"mount --bind -o ro '{folder}' '{folder}' && exec \"$@\""
+        return ["unshare", "-rm", "sh", "-c", script, "sh", *command]
+    if os.geteuid() == 0:
+        pytest.skip("no user namespaces to mount read-only, and chmod does not stop root")
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    return command
+
+
+def test_a_finished_run_on_read_only_storage_is_skipped(make_config, tmp_path):
+    overrides = (*SMALL, f"run_dir={tmp_path / 'run'}")
+    run(make_config(*overrides))
+    before = (tmp_path / "run" / "metrics.json").read_bytes()
+    command = [sys.executable, str(ROOT / "run.py"), *overrides, "device=cpu"]
+    done = subprocess.run(read_only(tmp_path / "run", command), cwd=tmp_path, env=environment(),
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "is finished; skipping" in output and "Unable to configure handler" not in output
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == before
+
+
+def test_an_unfinished_run_on_read_only_storage_says_so(make_config, tmp_path):
+    (tmp_path / "run").mkdir()
+    command = [sys.executable, str(ROOT / "run.py"), *SMALL, f"run_dir={tmp_path / 'run'}", "device=cpu"]
+    done = subprocess.run(read_only(tmp_path / "run", command), cwd=tmp_path, env=environment(),
+                          capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output[-3000:]
+    assert f"{tmp_path / 'run'}" in output and "read-only" in output.lower() and "Traceback" not in output
+    assert "output_root=" in output
