@@ -215,27 +215,14 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     # shards of another identity are refused before any rank looks for its own
     ranks.on_main(partial(runfolder.prepare, run_dir, resolved, {**identity, "fingerprint": fingerprint}, cfg.force))
 
-    plan = shards.plan(len(samples), cfg.batch_size)
-    folder = run_dir / shards.SHARDS_DIR
-    mine = [plan[index] for index in ranks.shards(len(plan))]
-    todo = [shard for shard in mine
-            if not shards.is_complete(folder, shard, layout.num_visual, cfg.decode_images, fingerprint)]
-    log.info("rank %d of %d: %d of its %d shards to sample", ranks.rank, ranks.world_size, len(todo), len(mine))
     description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text}"
-    if ranks.distributed:
-        description += f" rank {ranks.rank}/{ranks.world_size}"
-    progress = tqdm(total=sum(shard.size for shard in mine), initial=sum(shard.size for shard in mine) -
-                    sum(shard.size for shard in todo), desc=description, unit="img", disable=not ranks.is_main)
-    with progress:
-        for shard in todo:
-            ids, conditions = samples.batch(shard.start, shard.stop, device)
-            tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
-            images = decode(generator, tokens, resolution).cpu().numpy() if cfg.decode_images else None
-            shards.save(folder, shard, tokens.cpu().numpy(), images, cost, fingerprint)
-            progress.update(shard.size)
+    mine, sampled = _sample_shards(cfg, ranks, generator, policy, budget, samples, fingerprint, resolution, device,
+                                   description)
     ranks.barrier()
     if not ranks.is_main:
-        return {"rank": ranks.rank, "shards": len(mine), "sampled_shards": len(todo)}
+        return {"rank": ranks.rank, "shards": mine, "sampled_shards": sampled}
+    plan = shards.plan(len(samples), cfg.batch_size)
+    folder = run_dir / shards.SHARDS_DIR
     cost = _merge(cfg, run_dir, plan, samples, fingerprint)
     record = RunRecord(
         model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budget,
@@ -252,6 +239,30 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
              cfg.cache.name, record.images_per_s, record.kv_cache_capacity_bytes / 2**20,
              record.peak_memory_bytes / 2**20, record.peak_memory_method, run_dir)
     return record.to_dict()
+
+
+def _sample_shards(cfg: DictConfig, ranks: distributed.Ranks, generator, policy: CachePolicy, budget: int,
+                   samples, fingerprint: str, resolution: int | None, device: torch.device,
+                   description: str) -> tuple[int, int]:
+    """Sample this rank's shards that are missing (or of another fingerprint); returns (its shards, sampled)."""
+    plan = shards.plan(len(samples), cfg.batch_size)
+    folder = Path(cfg.run_dir) / shards.SHARDS_DIR
+    mine = [plan[index] for index in ranks.shards(len(plan))]
+    num_tokens = generator.layout.num_visual
+    todo = [shard for shard in mine if not shards.is_complete(folder, shard, num_tokens, cfg.decode_images, fingerprint)]
+    log.info("rank %d of %d: %d of its %d shards to sample", ranks.rank, ranks.world_size, len(todo), len(mine))
+    if ranks.distributed:
+        description += f" rank {ranks.rank}/{ranks.world_size}"
+    progress = tqdm(total=sum(shard.size for shard in mine), initial=sum(shard.size for shard in mine) -
+                    sum(shard.size for shard in todo), desc=description, unit="img", disable=not ranks.is_main)
+    with progress:
+        for shard in todo:
+            ids, conditions = samples.batch(shard.start, shard.stop, device)
+            tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
+            images = decode(generator, tokens, resolution).cpu().numpy() if cfg.decode_images else None
+            shards.save(folder, shard, tokens.cpu().numpy(), images, cost, fingerprint)
+            progress.update(shard.size)
+    return len(mine), len(todo)
 
 
 def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fingerprint: str) -> dict:
