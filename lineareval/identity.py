@@ -7,7 +7,9 @@ parts:
 - `config`: the resolved config minus the fields that say where and how a run executes
   (`EXECUTION_FIELDS`: paths, the tracker, control flags, and `batch_size` / `compile`, which the
   keyed sampler makes irrelevant to the samples), with `device` and `dtype` as they resolve on this
-  machine (`auto` and `cpu` match on a CPU machine). A `LOCATION_FIELDS` value (a checkpoint, a
+  machine (`auto` and `cpu` match on a CPU machine; a finished run is reused whatever device and
+  precision made it when they were left at `auto`, but shards are continued only on the same ones).
+  A `LOCATION_FIELDS` value (a checkpoint, a
   prompts file, a data folder) enters by what it names: a file by its name, size and the SHA-256 of
   its first and last MiB (the same file in another folder matches, a changed file does not), a folder
   or a missing file by its last path component; a file that one run could read and the other could
@@ -18,7 +20,8 @@ parts:
   prompts themselves, wherever the prompts file lives), plus the images' resolution.
 
 A benchmark that runs a suite of timed generations itself (`run_suite`: `benchmark=efficiency`)
-measures the execution, so for it `batch_size` and `compile` are part of the identity.
+measures the execution, so for it `batch_size`, `compile` and the resolved device and dtype are part of
+the identity and of the folder name.
 """
 
 from __future__ import annotations
@@ -99,20 +102,26 @@ def _located(value: Any, read_files: bool, key: str | None = None) -> Any:
     return Path(value.rstrip("/")).name
 
 
-def config_identity(cfg: DictConfig | Mapping, read_files: bool = True) -> dict[str, Any]:
+def config_identity(cfg: DictConfig | Mapping, read_files: bool = True, for_folder: bool = False) -> dict[str, Any]:
     """The config part of the identity (see the module docstring), from a config or a stored one.
 
     Each top-level field is resolved on its own, so this also runs inside the resolver of `run_dir`
-    (resolving the whole config would resolve `run_dir` itself); that one reads no files
-    (`read_files=False`), so a folder's name never depends on which files exist yet.
+    (resolving the whole config would resolve `run_dir` itself). For the folder name (`for_folder`)
+    no file is read (a name never depends on which files exist yet) and the device is left out, as is
+    `dtype=auto`: the same command finds the same folder on a GPU node and on a CPU login node (to
+    evaluate there what the GPUs generated); an explicit dtype names its own folder.
     """
     node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     benchmark = _resolved(node, "benchmark") or {}
     kept = set(SUITE_FIELDS) if is_suite(benchmark) else set()
     identity = {key: _resolved(node, key) for key in node if key not in EXECUTION_FIELDS or key in kept}
-    identity["device"] = resolved_device_type(_resolved(node, "device", "auto"))
-    identity["dtype"] = resolved_dtype_name(_resolved(node, "dtype", "auto"), identity["device"])
-    return _located(identity, read_files)
+    device, dtype = _resolved(node, "device", "auto"), _resolved(node, "dtype", "auto")
+    if not for_folder or kept:  # a suite measures the device: its folder names it
+        identity["device"] = resolved_device_type(device)
+        identity["dtype"] = resolved_dtype_name(dtype, identity["device"])
+    elif dtype != "auto":
+        identity["dtype"] = str(dtype)
+    return _located(identity, read_files and not for_folder)
 
 
 def _resolved(node: DictConfig, key: str, default: Any = None) -> Any:
@@ -196,11 +205,12 @@ def run_key(*, _root_: DictConfig) -> str:
     """Last component of the default run_dir: readable knobs plus a hash of the whole config identity.
 
     `n-<num_samples>_cfg-<cfg_scale>_<hash>`: two configurations that sample differently never share a
-    folder; the same configuration spelled differently (paths, device=auto/cpu, batch_size) does.
+    folder; the same configuration spelled differently (paths, device, batch_size) does. A CPU and a GPU
+    run of one configuration with `dtype=auto` share it too; the identity check tells them apart.
     """
     from lineareval.config import path_safe
 
-    identity = config_identity(_root_, read_files=False)
+    identity = config_identity(_root_, for_folder=True)
     sampling = identity.get("sampling") or {}
     cfg_scale = sampling.get("cfg_scale", "none") if isinstance(sampling, Mapping) else "none"
     return f"n-{path_safe(identity.get('num_samples'))}_cfg-{path_safe(cfg_scale)}_{digest(identity, HASH_CHARS)}"

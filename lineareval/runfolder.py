@@ -77,11 +77,19 @@ def check_same(what: str, stored: dict | None, identity: dict, parts: tuple[str,
                                "\n  ".join(changed) + f"\n{remedy}")
 
 
-def existing_result(run_dir: Path, identity: dict) -> dict | None:
-    """The finished record if run_dir holds one of this identity's config part; raise if of another."""
+def existing_result(run_dir: Path, identity: dict, unpinned: tuple[str, ...] = ()) -> dict | None:
+    """The finished record if run_dir holds one of this identity's config part; raise if of another.
+
+    `unpinned`: config fields this run leaves to the machine (`device=auto`, `dtype=auto`): a finished
+    run is used whatever they resolved to where it was made (e.g. evaluating GPU samples on a CPU).
+    """
     if not is_finished(run_dir):
         return None
-    check_same(f"{run_dir} holds a finished run", stored_identity(run_dir), identity, ("config",),
+    stored = stored_identity(run_dir)
+    if stored is not None:
+        stored = {"config": {key: value for key, value in stored["config"].items() if key not in unpinned}}
+    current = {"config": {key: value for key, value in identity["config"].items() if key not in unpinned}}
+    check_same(f"{run_dir} holds a finished run", stored, current, ("config",),
                "Leave run_dir at its default (one folder per configuration) or set run_dir=... to keep both; pass "
                "force=true to replace it (this samples everything again).")
     return load_record(run_dir)

@@ -171,7 +171,11 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
     identity = {"config": config_identity(cfg)}
     lock = ranks.on_main(partial(runfolder.lock, run_dir, cfg.force))
     try:
-        existing = None if cfg.force else runfolder.existing_result(run_dir, identity)
+        # a finished run is used wherever it was made if device and dtype were left to the machine (not for
+        # a suite: it measures the device)
+        suite = hasattr(benchmark, "run_suite")
+        unpinned = () if suite else tuple(field for field in ("device", "dtype") if cfg[field] == "auto")
+        existing = None if cfg.force else runfolder.existing_result(run_dir, identity, unpinned)
         if lock is not None:  # rank 0 holding the folder (not a read-only one)
             runfolder.remove_leftovers(run_dir, finished=existing is not None)
         if cfg.stage == "evaluate" and existing is None:
@@ -183,7 +187,7 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
                 return existing
             return evaluate_run(run_dir, benchmark, existing, resolve_device(cfg.device))
         resolved = OmegaConf.to_container(cfg, resolve=True)
-        if hasattr(benchmark, "run_suite"):  # a benchmark that runs several policies itself (efficiency)
+        if suite:  # a benchmark that runs several policies itself (efficiency)
             return run_suite(cfg, benchmark, resolved, run_dir, identity)
         return _generate(cfg, ranks, benchmark, resolved, identity)
     finally:

@@ -186,10 +186,10 @@ SAMPLE_SETTINGS = [("sampling.cfg_scale=1.5", "sampling.cfg_scale=2.0"), ("sampl
                    ("cache.recent_lines=1", "cache.recent_lines=2"), ("cache.score_source=line", "cache.score_source=last_token"),
                    ("model.image_size=128", "model.image_size=256"), ("decode_images=true", "decode_images=false"),
                    ("dtype=float32", "dtype=bfloat16")]
-EXECUTION_SETTINGS = [("batch_size=2", "batch_size=4"), ("device=auto", "device=cpu"), ("logger=none", "logger=wandb"),
-                      ("force=false", "force=true"), ("stage=all", "stage=generate"), ("grid_images=4", "grid_images=9"),
-                      ("compile=false", "compile=true"), ("weights_dir=/a/weights", "weights_dir=/b/weights/"),
-                      ("dtype=auto", "dtype=float32")]
+EXECUTION_SETTINGS = [("batch_size=2", "batch_size=4"), ("device=auto", "device=cpu"), ("device=cuda:1", "device=cpu"),
+                      ("logger=none", "logger=wandb"), ("force=false", "force=true"), ("stage=all", "stage=generate"),
+                      ("grid_images=4", "grid_images=9"), ("compile=false", "compile=true"),
+                      ("weights_dir=/a/weights", "weights_dir=/b/weights/")]
 
 
 @pytest.mark.parametrize(("first", "second"), SAMPLE_SETTINGS)
@@ -199,8 +199,6 @@ def test_default_run_folders_differ_for_every_setting_that_changes_a_sample(make
 
 @pytest.mark.parametrize(("first", "second"), EXECUTION_SETTINGS)
 def test_default_run_folder_is_shared_by_spellings_of_the_same_samples(make_config, first, second):
-    if "device=auto" in first and torch.cuda.is_available():
-        pytest.skip("device=auto is cuda here")
     assert make_config("cache=linear", "keep=1/2", first).run_dir == make_config("cache=linear", "keep=1/2", second).run_dir
 
 
@@ -239,6 +237,22 @@ def test_a_real_difference_names_the_field_both_values_and_the_choices(make_conf
     message = str(raised.value)
     assert "sampling.top_k: 0 (stored) -> 5 (now)" in message and "force=true" in message and "run_dir=" in message
     assert "batch_size" not in message and "run_dir:" not in message
+
+
+def test_a_generation_made_on_another_device_is_evaluated_here_unless_a_dtype_was_pinned(make_config, tmp_path):
+    """stage=generate on GPU nodes, stage=evaluate on a CPU machine: same folder, no conflict over dtype=auto."""
+    common = (*SMALL, "num_samples=2", f"output_root={tmp_path / 'outputs'}")
+    generated = make_config(*common, "stage=generate")
+    run(generated)
+    identity_file = Path(generated.run_dir) / "identity.json"
+    identity = json.loads(identity_file.read_text())
+    identity["config"].update(device="cuda", dtype="bfloat16")  # as a GPU node records it
+    identity_file.write_text(json.dumps(identity))
+    evaluate = make_config(*common, "stage=evaluate", "device=auto")
+    assert evaluate.run_dir == generated.run_dir
+    assert run(evaluate)["evaluated"] is True
+    with pytest.raises(RunConflictError, match=r"(?s)dtype: 'bfloat16' \(stored\) -> 'float32' \(now\)"):
+        run(make_config(*common, f"run_dir={generated.run_dir}", "dtype=float32"))  # a pinned precision must match
 
 
 def test_weights_match_by_content_wherever_the_file_is(make_config, tmp_path, monkeypatch):
