@@ -94,6 +94,14 @@ def test_a_run_folder_held_by_another_process_is_refused_naming_the_holder(make_
     assert sorted(path.name for path in Path(cfg.run_dir).iterdir()) == [".lock"]  # nothing of this run written
 
 
+def test_the_efficiency_suite_is_locked_too(make_config, holder):
+    cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=1", "model.image_size=128")
+    other = holder(Path(cfg.run_dir))
+    with pytest.raises(runner.RunLockedError, match=f"pid {other.pid}"):
+        run(cfg)
+    assert not (Path(cfg.run_dir) / "config.yaml").exists()
+
+
 def test_the_lock_is_released_when_its_holder_is_killed(make_config, holder):
     cfg = make_config(*SMALL)
     other = holder(Path(cfg.run_dir))
@@ -256,29 +264,32 @@ def test_a_generation_made_on_another_device_is_evaluated_here_unless_a_dtype_wa
 
 
 def test_weights_match_by_content_wherever_the_file_is(make_config, tmp_path, monkeypatch):
-    """The demo checkpoint copied to another folder resumes the same run; a changed file of that name does not."""
-    import lineareval.demo as demo
+    """A checkpoint copied to another folder resumes the same run; a changed file of that name does not."""
+    generator = runner.build_generator(make_config(*SMALL), torch.device("cpu"), torch.float32)
+    first, copies = tmp_path / "first", tmp_path / "copies"
+    for folder in (first, copies):
+        folder.mkdir()
+        torch.save({"model": generator.gpt.state_dict()}, folder / "tiny_c2i.pt")
+        torch.save({"model": generator.vq.state_dict()}, folder / "tiny_vq.pt")
+    common = (*SMALL, "weights=checkpoint", "num_samples=2", "batch_size=1")
 
-    copies = tmp_path / "copies"
-    copies.mkdir()
-    for name in ("demo_c2i.pt", "demo_vq.pt"):
-        shutil.copy(Path(demo.__file__).parent / name, copies / name)
-    moved = (f"model.gpt_ckpt={copies / 'demo_c2i.pt'}", f"model.vq_ckpt={copies / 'demo_vq.pt'}")
-    common = ("model=demo", "num_samples=2", "batch_size=1", "decode_images=false")
-    assert make_config(*common, *moved).run_dir == make_config(*common).run_dir
+    def files(folder: Path) -> tuple[str, str]:
+        return f"model.gpt_ckpt={folder / 'tiny_c2i.pt'}", f"model.vq_ckpt={folder / 'tiny_vq.pt'}"
+
+    assert make_config(*common, *files(first)).run_dir == make_config(*common, *files(copies)).run_dir
     for run_dir in ("run", "changed"):
         interrupt_after(monkeypatch, 1)
         with pytest.raises(Interrupted):
-            run(make_config(*common, f"run_dir={tmp_path / run_dir}"))  # the packaged files
+            run(make_config(*common, *files(first), f"run_dir={tmp_path / run_dir}"))
     calls = interrupt_after(monkeypatch, 99)
-    run(make_config(*common, *moved, f"run_dir={tmp_path / 'run'}"))
+    run(make_config(*common, *files(copies), f"run_dir={tmp_path / 'run'}"))
     assert calls == [1]  # the copies are the same weights: the first shard is reused
-    state = torch.load(copies / "demo_c2i.pt", weights_only=True)
+    state = torch.load(copies / "tiny_c2i.pt", weights_only=True)
     key = next(name for name, tensor in state["model"].items() if tensor.is_floating_point())
     state["model"][key] = state["model"][key] + 1.0
-    torch.save(state, copies / "demo_c2i.pt")  # same name and size, other weights
-    with pytest.raises(RunConflictError, match=r"(?s)content.weight_files: .*demo_c2i\.pt"):
-        run(make_config(*common, *moved, f"run_dir={tmp_path / 'changed'}"))
+    torch.save(state, copies / "tiny_c2i.pt")  # same name and size, other weights
+    with pytest.raises(RunConflictError, match=r"(?s)content.weight_files: .*tiny_c2i\.pt"):
+        run(make_config(*common, *files(copies), f"run_dir={tmp_path / 'changed'}"))
 
 
 # --- 5. leftovers and SIGTERM ---
