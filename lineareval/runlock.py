@@ -83,8 +83,11 @@ class RunLock:
             raise StorageError(f"cannot lock {self.path}: {error.strerror}. Its file system does not support "
                                "flock (e.g. NFSv3 mounted nolock): put output_root on storage that does (local "
                                "disk, NFSv4, Lustre, GPFS)") from error
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        try:  # who holds it, for the error of the next process; the lock holds without it (e.g. a full disk)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder_info()) + "\n").encode(), 0)
+        except OSError as error:
+            log.warning("holding %s without writing the holder's name into it (%s)", self.path, error.strerror)
         self.fd = fd
         return self
 
