@@ -193,7 +193,8 @@ def storage_error(path: Path, error: OSError) -> StorageError | None:
     """A StorageError saying what failed, where, and what to do; None for an error that is not about storage."""
     if error.errno in FULL_ERRNOS:
         free = _free_bytes(path)
-        return StorageError(f"could not write {path}: {error.strerror} ({free / 2**30:.2f} GiB free on that file "
+        shown = f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+        return StorageError(f"could not write {path}: {error.strerror} ({shown} free on that file "
                             "system). Nothing half-written is kept and the run is not marked finished: free space "
                             "(or set output_root= elsewhere) and run the same command again; finished shards are "
                             "reused.")

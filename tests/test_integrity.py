@@ -385,7 +385,7 @@ def test_a_full_disk_says_where_keeps_finished_shards_and_never_looks_finished(m
     cfg = make_config(*SMALL, "num_samples=6", f"run_dir={tmp_path / 'run'}")
     monkeypatch.setattr(os, "fsync", failing_fsync("shard-00000004-00000006"))
     with pytest.raises(runner.StorageError, match=r"could not write .*shard-00000004-00000006\.npz: No space left "
-                                                  r"on device \([0-9.]+ GiB free.*run the same command again"):
+                                                  r"on device \([0-9.]+ [GM]iB free.*run the same command again"):
         run(cfg)
     run_dir = tmp_path / "run"
     assert not (run_dir / "metrics.json").exists() and not list(run_dir.rglob("*.tmp"))
