@@ -9,12 +9,11 @@ parts:
   keyed sampler makes irrelevant to the samples), with `device` and `dtype` as they resolve on this
   machine (`auto` and `cpu` match on a CPU machine; a finished run is reused whatever device and
   precision made it when they were left at `auto`, but shards are continued only on the same ones).
-  A `LOCATION_FIELDS` value (a checkpoint, a
-  prompts file, a data folder) enters by what it names: a file by its name, size and the SHA-256 of
-  its first and last MiB (the same file in another folder matches, a changed file does not), a folder
-  or a missing file by its last path component; a file that one run could read and the other could
-  not is compared by name (so `stage=generate` without the reference batch and `stage=evaluate` with
-  it are one run). Cheap: a finished run is skipped on it.
+  A `LOCATION_FIELDS` value (a checkpoint, a prompts file, a data folder) enters by what it names: a
+  file by its name, size and the SHA-256 of its first and last MiB (the same file in another folder
+  matches, a changed file does not), a folder or a missing file by its last path component; a file
+  that one run could read and the other could not is compared by name (so `stage=generate` without
+  the reference batch and `stage=evaluate` with it are one run). Cheap: a finished run is skipped on it.
 - `content`: what the config only points at, read when sampling: each weight file's name, size and
   SHA-256 of its first and last MiB, and a SHA-256 of every sample's condition (class labels, or the
   prompts themselves, wherever the prompts file lives), plus the images' resolution.
@@ -28,15 +27,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
-
-log = logging.getLogger(__name__)
 
 # Top-level fields that never change what a run samples: where things are, what mirrors the record,
 # what the command asks to do, and execution choices the keyed sampler is invariant to.
@@ -44,7 +41,7 @@ EXECUTION_FIELDS = frozenset({"output_root", "run_dir", "weights_dir", "download
                               "grid_images", "batch_size", "compile", "device", "dtype", "hydra"})
 # Execution fields that a suite benchmark (one that times generations itself) measures.
 SUITE_FIELDS = ("batch_size", "compile")
-# Fields (at any depth) whose value names a file or folder: compared by its last path component.
+# Fields (at any depth) whose value names a file or folder: compared by the file's fingerprint, or by name.
 LOCATION_FIELDS = frozenset({"gpt_ckpt", "vq_ckpt", "path", "chameleon_dir", "prompts_file", "reference",
                              "annotations", "images_dir", "questions", "prompts_dir", "extractor_weights",
                              "cache_dir"})
@@ -54,8 +51,6 @@ HASH_CHARS = 8  # of the run folder name's hash: 32 bits, and the identity check
 
 def resolved_device_type(name: Any) -> str:
     """`auto` -> `cuda` or `cpu` as on this machine; `cuda:1` -> `cuda`; an invalid name stays as given."""
-    import torch
-
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -72,9 +67,7 @@ def resolved_dtype_name(name: Any, device_type: str) -> str:
     return str(resolve_dtype(name, _device(device_type))).removeprefix("torch.")
 
 
-def _device(device_type: str):
-    import torch
-
+def _device(device_type: str) -> torch.device:
     return torch.device(device_type if device_type in ("cpu", "cuda") else "cpu")
 
 
