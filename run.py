@@ -1,6 +1,7 @@
 """Entry point: `python run.py model=llamagen_xl cache=linear keep=1/6` (Hydra; configs in conf/)."""
 
 import logging
+import signal
 import sys
 
 import hydra
@@ -10,10 +11,11 @@ from lineareval.config import register_resolvers
 from lineareval.keep import BudgetError
 from lineareval.models.checkpoint import CheckpointError
 from lineareval.models.weights import MissingWeightsError
-from lineareval.runner import RunConflictError, run
+from lineareval.runner import RunConflictError, RunInterrupted, RunLockedError, StorageError, run
 
 log = logging.getLogger("lineareval")
-USER_ERRORS = (BudgetError, CheckpointError, MissingWeightsError, RunConflictError, ValueError, FileNotFoundError)
+USER_ERRORS = (BudgetError, CheckpointError, MissingWeightsError, RunConflictError, RunLockedError, StorageError,
+               ValueError, FileNotFoundError)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
@@ -21,9 +23,12 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except USER_ERRORS as error:
-        # a mistake in the command or missing files: say what and how to fix it, without a traceback
+        # a mistake in the command, missing files, a busy or full run folder: say what and how to fix it,
+        # without a traceback
         log.error("%s: %s", type(error).__name__, error)
         sys.exit(2)
+    except RunInterrupted:  # SIGTERM: the runner has logged how to resume; exit as a process killed by it would
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Config helpers: the `path_safe` resolver and device/dtype resolution."""
+"""Config helpers: the `path_safe` and `run_key` resolvers, run field checks, and device/dtype resolution."""
 
 from __future__ import annotations
 
@@ -15,8 +15,38 @@ def path_safe(value) -> str:
 
 
 def register_resolvers() -> None:
+    from lineareval.identity import run_key
+
     if not OmegaConf.has_resolver("path_safe"):
         OmegaConf.register_new_resolver("path_safe", path_safe)
+    if not OmegaConf.has_resolver("run_key"):
+        OmegaConf.register_new_resolver("run_key", run_key)
+
+
+STAGES = ("generate", "evaluate", "all")
+SEED_LIMIT = 2**32  # the sampler's counter hash takes the seed modulo 2**32: larger seeds would repeat smaller ones
+
+
+def check_run_fields(cfg) -> None:
+    """Raise a ValueError naming the field and its accepted values for a bad stage, seed, count or sampling field.
+
+    Cheap and first, so a typo fails before the run folder is locked or a model is loaded.
+    """
+    from lineareval.sampling import check_sampling_field
+
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    if not _is_int(cfg.seed) or not 0 <= cfg.seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {cfg.seed!r}")
+    for field in ("num_samples", "batch_size"):
+        if not _is_int(cfg[field]) or cfg[field] < 1:
+            raise ValueError(f"{field} must be a positive integer, got {cfg[field]!r}")
+    for name, value in cfg.sampling.items():
+        check_sampling_field(str(name), value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -11,12 +11,15 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Ranks meet at the end of sampling; a slow rank may finish hours after a fast one.
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
@@ -58,6 +61,26 @@ class Ranks:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def on_main(self, action: Callable[[], T]) -> T | None:
+        """Run `action` on rank 0 only; its exception is raised on every rank (others get None otherwise).
+
+        So a rank 0 that stops (a locked or conflicting run folder) stops the whole job at once, instead
+        of leaving the other ranks waiting at the next barrier.
+        """
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = action()
+            except Exception as raised:  # shared below, raised on every rank
+                error = raised
+        if self.distributed:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise error
+        return result
 
 
 def _slurm_world_size() -> int:

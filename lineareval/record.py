@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import importlib.metadata
 import itertools
 import json
 import logging
 import os
 import platform
+import re
+import shutil
 import subprocess
 import uuid
 import zipfile
@@ -172,21 +175,81 @@ def environment_info(device: torch.device) -> dict[str, Any]:
     }
 
 
+# Errors of the storage rather than of the program: reported as a StorageError that says where and what to do.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+READ_ONLY_ERRNOS = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+TEMPORARY_NAME = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what _atomic_file writes before its rename
+
+
+class StorageError(RuntimeError):
+    """A file could not be written: the disk is full, over quota, or read-only."""
+
+    def __init__(self, message: str, read_only: bool = False):
+        super().__init__(message)
+        self.read_only = read_only
+
+
+def storage_error(path: Path, error: OSError) -> StorageError | None:
+    """A StorageError saying what failed, where, and what to do; None for an error that is not about storage."""
+    if error.errno in FULL_ERRNOS:
+        free = _free_bytes(path)
+        shown = f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
+        return StorageError(f"could not write {path}: {error.strerror} ({shown} free on that file "
+                            "system). Nothing half-written is kept and the run is not marked finished: free space "
+                            "(or set output_root= elsewhere) and run the same command again; finished shards are "
+                            "reused.")
+    if error.errno in READ_ONLY_ERRNOS:
+        return StorageError(f"could not write {path}: {error.strerror}. The run folder is read-only here: a "
+                            "finished run can still be skipped, but this run needs to write; set output_root= (or "
+                            "run_dir=) to writable storage.", read_only=True)
+    return None
+
+
+def _free_bytes(path: Path) -> int:
+    for folder in (path, *path.parents):
+        try:
+            return shutil.disk_usage(folder).free
+        except OSError:
+            continue
+    return 0
+
+
 @contextmanager
 def _atomic_file(path: Path) -> Iterator[IO[bytes]]:
-    """Binary file that appears under `path` only once the block finishes without raising."""
+    """Binary file that appears under `path` only once the block finishes without raising.
+
+    A full or read-only disk raises a StorageError naming `path`; the temporary file is removed in
+    every case (a SIGKILL leaves it: remove_temporaries clears those under the run's lock).
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with 0o666 lets the umask decide permissions, as a plain open() would.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        # os.open with 0o666 lets the umask decide permissions, as a plain open() would.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as error:
+        reported = storage_error(path, error)
+        if reported is None:
+            raise
+        raise reported from error
+
+
+def remove_temporaries(folder: Path) -> list[Path]:
+    """Remove the temporary files of interrupted atomic writes in `folder`; returns what was removed.
+
+    Only for a folder whose writers are all gone (the caller holds the run's lock).
+    """
+    removed = [path for path in folder.glob(".*.tmp") if TEMPORARY_NAME.match(path.name)] if folder.is_dir() else []
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
 
 
 def _json_default(obj: Any) -> Any:
@@ -203,6 +266,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write `obj` as JSON (indent 2, sorted keys) so `path` holds either the old or the new file."""
     with _atomic_file(Path(path)) as f:
         text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n"
+        f.write(text.encode())
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) so `path` holds either the old or the new file."""
+    with _atomic_file(Path(path)) as f:
         f.write(text.encode())
 
 

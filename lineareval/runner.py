@@ -8,6 +8,11 @@ and `metrics.json`, written last: its presence marks the run finished.
 Sampling goes batch by batch into `shards/` (lineareval/shards.py), so an interrupted run resumes with
 the missing batches only, and `torchrun --nproc_per_node=K run.py ...` splits the batches over K ranks;
 rank 0 merges the shards into the files above, removes them, and evaluates.
+
+Integrity: rank 0 holds the run folder's lock (lineareval/runlock.py) for the whole run, a run folder
+is reused only by a run of the same identity (lineareval/identity.py, stored in `identity.json`), every
+shard carries that identity's fingerprint, a rerun removes what interrupted runs of it left, and
+SIGTERM (Slurm's time limit) ends the run cleanly with its finished shards kept.
 """
 
 from __future__ import annotations
@@ -26,23 +31,21 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from lineareval import distributed, shards
+from lineareval import distributed, runfolder, shards
 from lineareval.cache import CachePolicy
-from lineareval.config import call_target, resolve_device, resolve_dtype
+from lineareval.config import call_target, check_run_fields, resolve_device, resolve_dtype
+from lineareval.identity import config_identity, content_identity, run_fingerprint
 from lineareval.keep import check_budget, parse_keep
 from lineareval.loggers import NoLogger
 from lineareval.memory import PeakMemory, keep_freed_heap
-from lineareval.record import (METRICS_FILE, RunRecord, environment_info, is_finished, load_record, save_record,
-                               write_csv_atomic, write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
+from lineareval.record import (METRICS_FILE, RunRecord, StorageError, environment_info, save_record, write_csv_atomic,
+                               write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
+from lineareval.runfolder import RunConflictError, RunInterrupted
+from lineareval.runlock import RunLockedError
 
 log = logging.getLogger(__name__)
 
-IGNORED_ON_RESUME = ("force", "grid_images", "stage", "compile_backend")
-STAGES = ("generate", "evaluate", "all")
-
-
-class RunConflictError(RuntimeError):
-    """run_dir holds a finished run made with a different configuration."""
+__all__ = ["RunConflictError", "RunInterrupted", "RunLockedError", "StorageError", "run"]
 
 
 def build_policy(cache_cfg: DictConfig) -> CachePolicy:
@@ -57,23 +60,6 @@ def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     return call_target(cfg.model, sampling=OmegaConf.to_container(cfg.sampling, resolve=True), weights=cfg.weights,
                        weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype, seed=cfg.seed,
                        compile=cfg.compile, compile_backend=cfg.compile_backend)
-
-
-def _changed_keys(stored: dict, resolved: dict) -> list[str]:
-    return sorted(key for key in set(stored) | set(resolved)
-                  if key not in IGNORED_ON_RESUME and stored.get(key) != resolved.get(key))
-
-
-def _existing_result(run_dir: Path, resolved: dict) -> dict | None:
-    """The finished record if run_dir holds one made with this config; raise if made with another."""
-    if not is_finished(run_dir):
-        return None
-    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    changed = _changed_keys(stored, resolved)
-    if changed:
-        raise RunConflictError(f"{run_dir} already holds a finished run with a different configuration (differs in: "
-                               f"{', '.join(changed)}); pass force=true to overwrite or run_dir=... to keep both")
-    return load_record(run_dir)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -130,15 +116,14 @@ def evaluate_external(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path)
     return evaluate_run(run_dir, benchmark, record, device)
 
 
-def run_suite(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path) -> dict:
+def run_suite(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path, identity: dict) -> dict:
     """Run a multi-policy benchmark in this process; its rows become the run's record and a CSV."""
     from lineareval.benchmarks.efficiency import paper_table
 
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     generator = build_generator(cfg, device, dtype)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    runfolder.prepare(run_dir, resolved, {**identity, "fingerprint": run_fingerprint(cfg, {})}, cfg.force)
     rows = benchmark.run_suite(cfg, generator, device)
     environment = environment_info(device)
     record = {"benchmark": cfg.benchmark.name, "model": cfg.model.name, "weights": cfg.weights,
@@ -163,66 +148,73 @@ def run(cfg: DictConfig) -> dict:
     """Generate, measure and record one run, mirrored to the configured logger (finished on failure too).
 
     Under torchrun (or several Slurm tasks) every rank samples its share of the shards and rank 0 merges,
-    evaluates and logs; the other ranks return a summary of their share.
+    evaluates and logs; the other ranks return a summary of their share. SIGTERM raises RunInterrupted
+    after logging how to resume.
     """
     ranks = distributed.setup()
     logger = call_target(cfg.logger, exclude=("name",)) if ranks.is_main else NoLogger()
+    # resolved once: the default run_dir hashes the config, which code may later change (efficiency sets a prompt)
+    cfg.run_dir = str(cfg.run_dir)
+    run_dir = Path(cfg.run_dir)
     failed = True
     try:
-        logger.start(OmegaConf.to_container(cfg, resolve=True), Path(cfg.run_dir))
-        record = _run(cfg, ranks)
-        logger.log_record(record, Path(cfg.run_dir))
-        failed = False
-        return record
+        with runfolder.sigterm_raises():
+            logger.start(OmegaConf.to_container(cfg, resolve=True), run_dir)
+            record = _run(cfg, ranks)
+            logger.log_record(record, run_dir)
+            failed = False
+            return record
+    except (RunInterrupted, KeyboardInterrupt) as interrupt:
+        log.warning(runfolder.interrupted_message(run_dir, str(interrupt) or "Ctrl-C"))
+        raise
     finally:
         logger.finish(failed)
         distributed.teardown(ranks)
 
 
-def _partial_run(run_dir: Path, resolved: dict, force: bool) -> None:
-    """Keep the finished shards of an interrupted run with the same config; refuse those of another config."""
-    folder = run_dir / shards.SHARDS_DIR
-    if force:  # the old record goes first, so an interrupted forced rerun is not mistaken for finished
-        (run_dir / METRICS_FILE).unlink(missing_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        return
-    if not folder.exists():
-        return
-    stored = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) if (run_dir / "config.yaml").exists() else {}
-    changed = _changed_keys(stored, resolved)
-    if changed:
-        raise RunConflictError(f"{folder} holds shards of an unfinished run with a different configuration (differs "
-                               f"in: {', '.join(changed)}); pass force=true to discard them or run_dir=... to keep both")
-    log.info("resuming %s from its finished shards", run_dir)
-
-
 def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dict:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    """Check the fields, lock the run folder (rank 0, for every rank), then skip, evaluate or generate."""
+    check_run_fields(cfg)  # before the folder is touched or a model loaded
     run_dir = Path(cfg.run_dir)
-    if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
     benchmark = call_target(cfg.benchmark, exclude=("name",))
-    existing = None if cfg.force else _existing_result(run_dir, resolved)
-    if cfg.stage == "evaluate" and existing is None and getattr(benchmark, "scores_external_images", False):
-        return evaluate_external(cfg, benchmark, resolved, run_dir) if ranks.is_main else {"rank": ranks.rank}
-    if cfg.stage == "evaluate" and existing is None:
-        raise FileNotFoundError(f"stage=evaluate needs a finished generation in {run_dir} (metrics.json and "
-                                "samples.npz); run stage=generate or stage=all first")
-    if existing is not None:
-        if cfg.stage == "generate" or existing.get("evaluated", True) or not ranks.is_main:
-            log.info("%s is finished; skipping (force=true reruns it)", run_dir)
-            return existing
-        return evaluate_run(run_dir, benchmark, existing, resolve_device(cfg.device))
-    if hasattr(benchmark, "run_suite"):  # a benchmark that runs several policies itself (efficiency)
-        if ranks.distributed:
-            raise ValueError(f"benchmark={cfg.benchmark.name} measures one process on one device (the paper's "
-                             "protocol): start it without torchrun / with one task")
-        return run_suite(cfg, benchmark, resolved, run_dir)
-    if cfg.stage == "all" and hasattr(benchmark, "check") and ranks.is_main:
-        benchmark.check()  # e.g. the reference batch: fail before hours of sampling, not after
-    for field in ("num_samples", "batch_size"):
-        if not isinstance(cfg[field], int) or cfg[field] < 1:
-            raise ValueError(f"{field} must be a positive integer, got {cfg[field]!r}")
+    if hasattr(benchmark, "run_suite") and ranks.distributed:
+        raise ValueError(f"benchmark={cfg.benchmark.name} measures one process on one device (the paper's "
+                         "protocol): start it without torchrun / with one task")
+    identity = {"config": config_identity(cfg)}
+    lock = ranks.on_main(partial(runfolder.lock, run_dir, cfg.force))
+    try:
+        # a finished run is used wherever it was made if device and dtype were left to the machine (not for
+        # a suite: it measures the device)
+        suite = hasattr(benchmark, "run_suite")
+        unpinned = () if suite else tuple(field for field in ("device", "dtype") if cfg[field] == "auto")
+        existing = None if cfg.force else runfolder.existing_result(run_dir, identity, unpinned)
+        if lock is not None:  # rank 0 holding the folder (not a read-only one)
+            runfolder.remove_leftovers(run_dir, finished=existing is not None)
+        if cfg.stage == "evaluate" and existing is None and getattr(benchmark, "scores_external_images", False):
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            return evaluate_external(cfg, benchmark, resolved, run_dir) if ranks.is_main else {"rank": ranks.rank}
+        if cfg.stage == "evaluate" and existing is None:
+            raise FileNotFoundError(f"stage=evaluate needs a finished generation in {run_dir} (metrics.json and "
+                                    "samples.npz); run stage=generate or stage=all first")
+        if existing is not None:
+            if cfg.stage == "generate" or existing.get("evaluated", True) or not ranks.is_main:
+                log.info("%s is finished; skipping (force=true reruns it)", run_dir)
+                return existing
+            return evaluate_run(run_dir, benchmark, existing, resolve_device(cfg.device))
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        if suite:  # a benchmark that runs several policies itself (efficiency)
+            return run_suite(cfg, benchmark, resolved, run_dir, identity)
+        return _generate(cfg, ranks, benchmark, resolved, identity)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: dict, identity: dict) -> dict:
+    """Sample this rank's missing shards under the run's identity; rank 0 then merges, records, evaluates."""
+    run_dir = Path(cfg.run_dir)
+    if cfg.stage == "all" and hasattr(benchmark, "check"):
+        ranks.on_main(benchmark.check)  # e.g. the reference batch: fail before hours of sampling, not after
     keep = parse_keep(cfg.keep)
     device = ranks.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
@@ -232,22 +224,52 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
     budget = keep.budget(layout.num_visual)
     check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=cfg.cache.name,
                  model=cfg.model.name)
-    if ranks.is_main:
-        _partial_run(run_dir, resolved, cfg.force)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-    ranks.barrier()  # shards of another config are gone before any rank looks for its own
-
     if cfg.decode_images and not getattr(generator, "can_decode", True):
         generator.decode_images(None)  # raises the adapter's message about the missing decoder files
     samples = benchmark.samples(cfg, generator)
+    resolution = getattr(benchmark, "resolution", None)
+    identity = {**identity, "content": content_identity(generator.weight_files, samples.arrays, len(samples),
+                                                        resolution)}
+    fingerprint = run_fingerprint(cfg, identity["content"])
+    # shards of another identity are refused before any rank looks for its own
+    ranks.on_main(partial(runfolder.prepare, run_dir, resolved, {**identity, "fingerprint": fingerprint}, cfg.force))
+
+    description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text}"
+    mine, sampled = _sample_shards(cfg, ranks, generator, policy, budget, samples, fingerprint, resolution, device,
+                                   description)
+    ranks.barrier()
+    if not ranks.is_main:
+        return {"rank": ranks.rank, "shards": mine, "sampled_shards": sampled}
     plan = shards.plan(len(samples), cfg.batch_size)
     folder = run_dir / shards.SHARDS_DIR
+    cost = _merge(cfg, run_dir, plan, samples, fingerprint)
+    record = RunRecord(
+        model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budget,
+        batch_size=cfg.batch_size, num_samples=len(samples), seed=cfg.seed, weights=cfg.weights,
+        weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
+        tokens_per_s=len(samples) * layout.num_visual / cost["generation_time_s"], **cost,
+        **environment_info(device), extra={"policy": policy.describe(), "evaluated": False,
+                                           "world_size": ranks.world_size, "run_fingerprint": fingerprint})
+    save_record(record, run_dir)  # generation is safe on disk before any scoring starts
+    shutil.rmtree(folder)  # merged into tokens.npz / samples.npz (a kill before this: the next run removes it)
+    if cfg.stage == "all":
+        return evaluate_run(run_dir, benchmark, record.to_dict(), device)
+    log.info("%s: %.2f images/s, KV cache %.1f MiB allocated, peak memory %.1f MiB (%s) -> %s",
+             cfg.cache.name, record.images_per_s, record.kv_cache_capacity_bytes / 2**20,
+             record.peak_memory_bytes / 2**20, record.peak_memory_method, run_dir)
+    return record.to_dict()
+
+
+def _sample_shards(cfg: DictConfig, ranks: distributed.Ranks, generator, policy: CachePolicy, budget: int,
+                   samples, fingerprint: str, resolution: int | None, device: torch.device,
+                   description: str) -> tuple[int, int]:
+    """Sample this rank's shards that are missing (or of another fingerprint); returns (its shards, sampled)."""
+    plan = shards.plan(len(samples), cfg.batch_size)
+    folder = Path(cfg.run_dir) / shards.SHARDS_DIR
     mine = [plan[index] for index in ranks.shards(len(plan))]
-    todo = [shard for shard in mine if not shards.is_complete(folder, shard, layout.num_visual, cfg.decode_images)]
+    num_tokens = generator.layout.num_visual
+    todo = [shard for shard in mine if not shards.is_complete(folder, shard, num_tokens, cfg.decode_images, fingerprint)]
     log.info("rank %d of %d: %d of its %d shards to sample", ranks.rank, ranks.world_size, len(todo), len(mine))
-    resolution = getattr(benchmark, "resolution", None)
-    description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text}"
     if ranks.distributed:
         description += f" rank {ranks.rank}/{ranks.world_size}"
     progress = tqdm(total=sum(shard.size for shard in mine), initial=sum(shard.size for shard in mine) -
@@ -257,37 +279,23 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
             ids, conditions = samples.batch(shard.start, shard.stop, device)
             tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
             images = decode(generator, tokens, resolution).cpu().numpy() if cfg.decode_images else None
-            shards.save(folder, shard, tokens.cpu().numpy(), images, cost)
+            shards.save(folder, shard, tokens.cpu().numpy(), images, cost, fingerprint)
             progress.update(shard.size)
-    ranks.barrier()
-    if not ranks.is_main:
-        return {"rank": ranks.rank, "shards": len(mine), "sampled_shards": len(todo)}
+    return len(mine), len(todo)
 
-    tokens, costs = zip(*((tokens, cost) for tokens, _, cost in map(partial(shards.load, folder), plan)))
+
+def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fingerprint: str) -> dict:
+    """Merge the shards into tokens.npz / samples.npz / samples.png; returns the cost fields of the record."""
+    folder = run_dir / shards.SHARDS_DIR
+    load = partial(shards.load, folder, fingerprint=fingerprint)
+    tokens, costs = zip(*((tokens, cost) for tokens, _, cost in map(load, plan)))
     write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate(tokens), **samples.arrays)
     if cfg.decode_images:  # streamed, shard by shard
-        write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0",
-                                 (shards.load(folder, shard)[1] for shard in plan), len(samples))
-        shown = []
-        for shard in plan[:-(-cfg.grid_images // cfg.batch_size)]:  # the shards holding the first grid_images
-            shown.append(shards.load(folder, shard)[1])
+        write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0", (load(shard)[1] for shard in plan), len(samples))
+        shown = [load(shard)[1] for shard in plan[:-(-cfg.grid_images // cfg.batch_size)]]  # the first grid_images
         save_grid(np.concatenate(shown), run_dir / "samples.png", cfg.grid_images)
     total_time = sum(cost["generation_s"] for cost in costs)
     worst = {key: max(cost[key] for cost in costs)
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
-    record = RunRecord(
-        model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budget,
-        batch_size=cfg.batch_size, num_samples=len(samples), seed=cfg.seed, weights=cfg.weights,
-        weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
-        peak_memory_method=costs[0]["peak_memory_method"], **worst, latency_s_per_batch=total_time / len(costs),
-        generation_time_s=total_time, images_per_s=len(samples) / total_time,
-        tokens_per_s=len(samples) * layout.num_visual / total_time, **environment_info(device),
-        extra={"policy": policy.describe(), "evaluated": False, "world_size": ranks.world_size})
-    save_record(record, run_dir)  # generation is safe on disk before any scoring starts
-    shutil.rmtree(folder)  # merged into tokens.npz / samples.npz
-    if cfg.stage == "all":
-        return evaluate_run(run_dir, benchmark, record.to_dict(), device)
-    log.info("%s: %.2f images/s, KV cache %.1f MiB allocated, peak memory %.1f MiB (%s) -> %s",
-             cfg.cache.name, record.images_per_s, record.kv_cache_capacity_bytes / 2**20,
-             record.peak_memory_bytes / 2**20, record.peak_memory_method, run_dir)
-    return record.to_dict()
+    return {"peak_memory_method": costs[0]["peak_memory_method"], **worst, "latency_s_per_batch": total_time / len(costs),
+            "generation_time_s": total_time, "images_per_s": len(samples) / total_time}

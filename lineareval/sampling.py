@@ -10,6 +10,7 @@ Integer hashing is exact on every device; only the logits themselves depend on t
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,15 +23,48 @@ MIX_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)  # lowbias32's two multiplications (a
 COLUMN_SALT = 0x85EBCA6B  # added to the vocabulary index before its hash
 
 
+# Each sampling field: (kind, check, the accepted range as the error message states it).
+SAMPLING_FIELDS = {
+    "cfg_scale": ("number", lambda value: value >= 1.0, "a number >= 1 (1 = no guidance; 1.75 is LlamaGen's FID "
+                  "protocol)"),
+    "cfg_interval": ("integer", lambda value: value >= -1, "an integer >= -1 (-1 = guidance for every token, n = "
+                     "for the first n + 1 tokens)"),
+    "temperature": ("number", lambda value: value > 0.0, "a number > 0 (1 = the model's distribution; for "
+                    "greedy decoding use top_k=1)"),
+    "top_k": ("integer", lambda value: value >= 0, "an integer >= 0 (0 = off, 1 = greedy)"),
+    "top_p": ("number", lambda value: 0.0 < value <= 1.0, "a number in (0, 1] (1 = off; for greedy decoding use "
+              "top_k=1)"),
+}
+
+
+def check_sampling_field(name: str, value) -> None:
+    """Raise a ValueError stating the accepted range unless `value` is valid for sampling field `name`."""
+    if name not in SAMPLING_FIELDS:
+        raise ValueError(f"sampling.{name} is not a sampling field; the fields are {', '.join(SAMPLING_FIELDS)}")
+    kind, check, accepted = SAMPLING_FIELDS[name]
+    # bool is an int in Python, and a NaN passes no comparison but must not pass as valid either
+    typed = isinstance(value, int if kind == "integer" else (int, float)) and not isinstance(value, bool)
+    if not typed or not math.isfinite(value) or not check(value):
+        raise ValueError(f"sampling.{name} must be {accepted}, got {value!r}")
+
+
 @dataclass
 class SamplingConfig:
-    """Official LlamaGen sampling knobs (`cfg_interval=-1` keeps guidance on for every token)."""
+    """Official LlamaGen sampling knobs (`cfg_interval=-1` keeps guidance on for every token).
+
+    Every field is checked on construction: an out-of-range value would otherwise be used silently in
+    another meaning (top_k=-5 as 0, temperature=0 as 1e-5, cfg_scale=-1 as no guidance).
+    """
 
     cfg_scale: float = 1.75
     cfg_interval: int = -1
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in SAMPLING_FIELDS:
+            check_sampling_field(name, getattr(self, name))
 
     @property
     def guided(self) -> bool:

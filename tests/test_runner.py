@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,8 @@ def test_run_writes_the_run_folder(make_config, tmp_path):
     cfg = make_config(*SMALL, "cache=linear", "keep=1/4")
     record = run(cfg)
     run_dir = Path(cfg.run_dir)
-    assert run_dir == tmp_path / "outputs/samples/llamagen_tiny/linear/keep-1_4/random/seed-0"
+    assert run_dir.parent == tmp_path / "outputs/samples/llamagen_tiny/linear/keep-1_4/random/seed-0"
+    assert re.fullmatch(r"n-3_cfg-1\.75_[0-9a-f]{8}", run_dir.name)  # + a hash of what determines the samples
     tokens = np.load(run_dir / "tokens.npz")
     assert tokens["tokens"].shape == (3, 64) and tokens["tokens"].dtype == np.int64
     assert tokens["labels"].shape == (3,)
@@ -55,8 +57,10 @@ def test_a_different_config_in_a_finished_run_dir_is_an_error(make_config):
     cfg = make_config(*SMALL, "num_samples=2", "decode_images=false")
     run(cfg)
     before = (Path(cfg.run_dir) / "metrics.json").read_bytes()
-    with pytest.raises(RunConflictError, match="num_samples"):
-        run(make_config(*SMALL, "num_samples=1", "decode_images=false"))
+    other = make_config(*SMALL, "num_samples=1", "decode_images=false")
+    assert other.run_dir != cfg.run_dir  # the default folders differ; an explicit run_dir must not mix them
+    with pytest.raises(RunConflictError, match=r"num_samples: 2 \(stored\) -> 1 \(now\)"):
+        run(make_config(*SMALL, "num_samples=1", "decode_images=false", f"run_dir={cfg.run_dir}"))
     assert (Path(cfg.run_dir) / "metrics.json").read_bytes() == before  # nothing lost
 
 
@@ -77,7 +81,7 @@ def test_budget_below_the_policy_minimum_stops_before_generating(make_config):
     cfg = make_config(*SMALL, "cache=linear", "keep=1/16")  # 4 tokens; LineAR needs 2 lines = 16
     with pytest.raises(BudgetError, match=r"needs at least 16.*keep >= 1/4"):
         run(cfg)
-    assert not Path(cfg.run_dir).exists()
+    assert [path.name for path in Path(cfg.run_dir).iterdir()] == [".lock"]  # only the lock: nothing of the run
 
 
 def test_full_cache_rejects_a_budget(make_config):

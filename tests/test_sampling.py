@@ -1,5 +1,8 @@
-"""Per-sample randomness, the Gumbel-max sampler and the official filtering semantics."""
+"""Per-sample randomness, the Gumbel-max sampler, the official filtering semantics, and the fields' ranges."""
 
+import re
+
+import pytest
 import torch
 
 from lineareval.sampling import SamplingConfig, class_labels, counter_bits, filter_logits, gumbel_noise, sample_tokens
@@ -100,3 +103,24 @@ def test_host_hash_python_hash_and_tensor_hash_agree(monkeypatch):
     assert torch.equal(host_bits, sampling.keyed_bits(ids, *keys, 3000)) and host_bits.dtype == torch.int64
     assert torch.equal(host_noise, sampling.keyed_gumbel(ids, *keys, 3000))
     assert torch.isfinite(host_noise).all()
+
+
+@pytest.mark.parametrize(("field", "value", "accepted"), [
+    ("top_k", -5, r"an integer >= 0 \(0 = off, 1 = greedy\)"), ("top_k", 1.5, "an integer >= 0"),
+    ("top_k", True, "an integer >= 0"), ("temperature", 0, r"a number > 0 .*greedy decoding use top_k=1"),
+    ("temperature", float("nan"), "a number > 0"), ("cfg_scale", -1, r"a number >= 1 \(1 = no guidance"),
+    ("cfg_scale", 0.5, "a number >= 1"), ("cfg_interval", -2, "an integer >= -1"),
+    ("top_p", 0.0, r"a number in \(0, 1\]"), ("top_p", 1.01, r"a number in \(0, 1\]"),
+    ("top_p", "0.9", r"a number in \(0, 1\]"),
+])
+def test_out_of_range_sampling_fields_are_refused_with_the_accepted_range(field, value, accepted):
+    """Each value used to be taken in another meaning (top_k=-5 as 0, temperature=0 as 1e-5, cfg_scale=-1 as
+    no guidance) while the record kept the value given."""
+    with pytest.raises(ValueError, match=rf"sampling.{field} must be {accepted}.*, got {re.escape(repr(value))}$"):
+        SamplingConfig(**{field: value})
+
+
+def test_the_edges_of_every_sampling_range_are_accepted():
+    edges = SamplingConfig(cfg_scale=1, cfg_interval=-1, temperature=1e-3, top_k=1, top_p=1)
+    assert not edges.guided and edges.top_k == 1
+    assert SamplingConfig(cfg_interval=0, top_k=0, top_p=0.01).top_p == 0.01

@@ -179,8 +179,12 @@ class Sweep:
         assert returncode == 0, self.log.read_text()[-4000:]
 
     def record(self, keep: str) -> Path:
-        return self.output_root / "samples" / "llamagen_tiny" / "linear" / f"keep-{keep.replace('/', '_')}" / \
-            "random" / "seed-0" / "metrics.json"
+        """The run's metrics.json, in its default folder (seed-0/n-<num_samples>_cfg-<cfg>_<hash>/)."""
+        seed_dir = self.output_root / "samples" / "llamagen_tiny" / "linear" / f"keep-{keep.replace('/', '_')}" / \
+            "random" / "seed-0"
+        found = sorted(seed_dir.glob("n-*/metrics.json"))
+        assert len(found) <= 1, found  # one configuration per keep in these sweeps
+        return found[0] if found else seed_dir / "n-unknown" / "metrics.json"
 
     def job_ids(self) -> set[str]:
         """The Slurm jobs (arrays) the launcher submitted: submitit names a folder after each."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,49 @@ def test_finish_runs_when_the_run_fails(make_config, tmp_path, finishes):
     with pytest.raises(BudgetError):
         run(make_config(*SMALL, f"logger.dir={tmp_path / 'wandb'}", "cache=linear", "keep=1/32"))
     assert [call["failed"] for call in finishes] == [True]
+
+
+# --- W&B failing never blocks the run or loses its record ---
+
+def test_unreachable_wandb_warns_and_the_run_finishes_with_its_record(make_config, tmp_path, monkeypatch, caplog):
+    """logger.mode=online with a server that refuses connections: bounded waits, warnings, the local record."""
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: connection refused
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_config(*SMALL, "logger.mode=online", "logger.init_timeout_s=3", f"logger.dir={tmp_path / 'wandb'}",
+                      "decode_images=false")
+    began = time.monotonic()
+    record = run(cfg)
+    # two bounded attempts (start, end) of 3 s, each cut off at 3 + 5 s by our own timer
+    assert time.monotonic() - began < 2 * (3 + 5) + 60
+    assert json.loads((Path(cfg.run_dir) / "metrics.json").read_text()) == json.loads(json.dumps(record))
+    warnings = [entry.getMessage() for entry in caplog.records if entry.name == "lineareval.loggers"]
+    assert any("W&B unavailable" in text and "at the start" in text for text in warnings), warnings
+    assert any("W&B unavailable" in text and "metrics.json" in text for text in warnings), warnings
+
+
+def test_a_wandb_start_that_hangs_is_cut_off_and_the_record_mirrored_at_the_end(make_config, tmp_path, monkeypatch,
+                                                                               caplog, finishes):
+    import wandb
+
+    original, calls, released = wandb.init, [], threading.Event()
+
+    def init(**kwargs):
+        calls.append(time.monotonic())
+        if len(calls) == 1:  # no answer, as with a network that drops packets; never a late run after the test
+            released.wait(60)
+            raise RuntimeError("released by the test")
+        return original(**{**kwargs, "mode": "offline"})
+
+    monkeypatch.setattr(wandb, "init", init)
+    cfg = make_config(*SMALL, "logger.mode=online", "logger.init_timeout_s=1", f"logger.dir={tmp_path / 'wandb'}",
+                      "decode_images=false")
+    began = time.monotonic()
+    try:
+        record = run(cfg)
+    finally:
+        released.set()
+    assert len(calls) == 2 and calls[1] - began < 1 + 5 + 30  # the first start given up after 1 + 5 s
+    (call,) = finishes
+    assert call["failed"] is False and call["summary"]["num_samples"] == record["num_samples"] == 2
+    assert any("at the start" in entry.getMessage() for entry in caplog.records if entry.name == "lineareval.loggers")
