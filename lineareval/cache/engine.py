@@ -30,7 +30,10 @@ Two ways to step:
   chunk began plus the chunk's earlier tokens; at commit the committed tokens are taken in order, and
   each one does what a sequential step would at that point: add its attention to accumulated scores,
   and evict at a line end or, for per-step policies, whenever the budget is exceeded. Rolled-back
-  tokens leave no trace. This path runs eagerly.
+  tokens leave no trace. A line-end policy (LineAR) scores the line from its buffered queries against
+  the cache at the line's end, as sequential decoding does; the tokens of a chunk that crosses a line
+  end attended before that line end's eviction (speculative decoding clips its windows at line ends,
+  so none does). This path runs eagerly.
 """
 
 from __future__ import annotations
@@ -333,8 +336,8 @@ class KVCache:
         self.policy, self.layout, self.budget = policy, layout, budget
         self.device = torch.device(device)
         self.max_chunk = max_chunk
-        capacity = policy.capacity(layout, budget) + max_chunk - 1
-        self.state = CacheState(capacity=min(capacity, layout.prefix_len + layout.num_visual))
+        # a chunk of k writes k slots past what the policy keeps (sequences that finished early included)
+        self.state = CacheState(capacity=policy.capacity(layout, budget) + max_chunk - 1)
         self.step = StepInputs(self.device)
         self.layers = [LayerKV(self.state, self.step, layout, policy.signals(), sequences=sequences, heads=heads,
                                head_dim=head_dim, dtype=dtype, device=self.device, spare=int(spare_slot))
