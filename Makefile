@@ -17,10 +17,10 @@ endif
 # A quality grid: the full-cache baseline (full accepts only keep=1) and the experiment's policy x keep
 # sweep. On Slurm both are submitted at once (each launcher waits for its own jobs); locally, in turn.
 ifeq ($(LAUNCHER),slurm)
-grid = $(SWEEP) +experiment=$(1) cache=full keep=1 $(ARGS) & baseline=$$!; \
-	$(SWEEP) +experiment=$(1) $(ARGS); status=$$?; wait $$baseline && exit $$status
+grid = $(SWEEP) experiment=$(1) cache=full keep=1 $(ARGS) & baseline=$$!; \
+	$(SWEEP) experiment=$(1) $(ARGS); status=$$?; wait $$baseline && exit $$status
 else
-grid = $(SWEEP) +experiment=$(1) cache=full keep=1 $(ARGS) && $(SWEEP) +experiment=$(1) $(ARGS)
+grid = $(SWEEP) experiment=$(1) cache=full keep=1 $(ARGS) && $(SWEEP) experiment=$(1) $(ARGS)
 endif
 
 .DEFAULT_GOAL := help
@@ -40,7 +40,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 demo: setup ## the embedded trained demo model: full cache and every policy at keep=1/4 on the same seeds; FID table + sample grid
 	$(PY) run.py model=demo benchmark=demo_fid cache=full keep=1
-	$(PY) run.py -m model=demo benchmark=demo_fid cache=window,streamingllm,h2o,linear keep=1/4
+	$(PY) run.py -m model=demo benchmark=demo_fid 'cache=glob(*,exclude=full)' keep=1/4
 	$(PY) scripts/demo_report.py outputs/demo_fid/demo
 
 test: setup ## the default test suite (CPU, no downloads; excludes slow and gpu tests)
@@ -49,21 +49,21 @@ test: setup ## the default test suite (CPU, no downloads; excludes slow and gpu 
 test-all: setup ## every test, slow ones included
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-efficiency: setup ## the paper's efficiency table: full vs LineAR, six models at its batch sizes (random weights)
-	$(SWEEP) +experiment=efficiency $(ARGS)
+efficiency: setup ## the paper's efficiency table: every policy vs full, six models at its batch sizes (random weights)
+	$(SWEEP) experiment=efficiency $(ARGS)
 
-imagenet: setup ## ImageNet FID, LlamaGen-XL: full + window/streamingllm/h2o/linear x keep 1/4,1/6,1/8
+imagenet: setup ## ImageNet FID, LlamaGen-XL: full + every policy of conf/cache/ x keep 1/4,1/6,1/8
 	$(call grid,imagenet)
 
-coco: setup ## COCO FID + CLIP score, Janus-Pro-1B: full + the four policies x keep 1/4,1/6,1/8
+coco: setup ## COCO FID + CLIP score, Janus-Pro-1B: full + every policy x keep 1/4,1/6,1/8
 	$(call grid,coco)
 
-dpg: setup ## DPG-Bench, Lumina-mGPT-768: full + the four policies x keep 1/4,1/6,1/8
+dpg: setup ## DPG-Bench, Lumina-mGPT-768: full + every policy x keep 1/4,1/6,1/8
 	$(call grid,dpg)
 
 ablations: setup ## LineAR ablations on ImageNet FID (LlamaGen-XL): keep, anchors, recent lines, score source
 	for experiment in ablation_keep ablation_anchors ablation_recent_lines ablation_score_source; do \
-		$(SWEEP) +experiment=$$experiment $(ARGS) || exit 1; done
+		$(SWEEP) experiment=$$experiment $(ARGS) || exit 1; done
 
 perf: setup ## CPU performance report into results/ (efficiency, roofline, per-step latency); OFFICIAL=path/to/LlamaGen adds the official loop
 	$(PY) scripts/perf_report.py $(if $(OFFICIAL),--official $(OFFICIAL),--skip-official)

@@ -7,7 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lineareval.config import register_resolvers
+from lineareval.identity import register_resolvers
 from lineareval.keep import BudgetError
 from lineareval.models.checkpoint import CheckpointError
 from lineareval.models.weights import MissingWeightsError

@@ -1,4 +1,4 @@
-"""Config helpers: the `path_safe` and `run_key` resolvers, run field checks, and device/dtype resolution."""
+"""Config helpers: the `path_safe` resolver, run field checks, and device/dtype resolution."""
 
 from __future__ import annotations
 
@@ -12,15 +12,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def path_safe(value) -> str:
     """A config value as a folder name: `1/6` -> `1_6`."""
     return str(value).replace("/", "_").replace(" ", "")
-
-
-def register_resolvers() -> None:
-    from lineareval.identity import run_key
-
-    if not OmegaConf.has_resolver("path_safe"):
-        OmegaConf.register_new_resolver("path_safe", path_safe)
-    if not OmegaConf.has_resolver("run_key"):
-        OmegaConf.register_new_resolver("run_key", run_key)
 
 
 STAGES = ("generate", "evaluate", "all")

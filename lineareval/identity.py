@@ -77,7 +77,7 @@ def is_suite(benchmark: Mapping) -> bool:
     from hydra.utils import get_object
 
     try:
-        return hasattr(get_object(str(benchmark.get("_target_"))), "run_suite")
+        return bool(getattr(get_object(str(benchmark.get("_target_"))), "suite", False))
     except Exception:  # an unimportable target fails later with its own message; here it names a folder
         return False
 
@@ -208,3 +208,13 @@ def run_key(*, _root_: DictConfig) -> str:
     sampling = identity.get("sampling") or {}
     cfg_scale = sampling.get("cfg_scale", "none") if isinstance(sampling, Mapping) else "none"
     return f"n-{path_safe(identity.get('num_samples'))}_cfg-{path_safe(cfg_scale)}_{digest(identity, HASH_CHARS)}"
+
+
+def register_resolvers() -> None:
+    """The resolvers the configs use: `path_safe` (lineareval.config) and `run_key` (here)."""
+    from lineareval.config import path_safe
+
+    if not OmegaConf.has_resolver("path_safe"):
+        OmegaConf.register_new_resolver("path_safe", path_safe)
+    if not OmegaConf.has_resolver("run_key"):
+        OmegaConf.register_new_resolver("run_key", run_key)

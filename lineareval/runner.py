@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from functools import partial
 from pathlib import Path
 
@@ -32,12 +31,12 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from lineareval import distributed, runfolder, shards
+from lineareval.api import build_generator, build_policy, timed_generation
 from lineareval.cache import CachePolicy
 from lineareval.config import call_target, check_run_fields, resolve_device, resolve_dtype
 from lineareval.identity import config_identity, content_identity, run_fingerprint
 from lineareval.keep import check_budget, parse_keep
 from lineareval.loggers import NoLogger
-from lineareval.memory import PeakMemory, keep_freed_heap
 from lineareval.record import (METRICS_FILE, RunRecord, StorageError, environment_info, save_record, write_csv_atomic,
                                write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
 from lineareval.runfolder import RunConflictError, RunInterrupted
@@ -46,46 +45,6 @@ from lineareval.runlock import RunLockedError
 log = logging.getLogger(__name__)
 
 __all__ = ["RunConflictError", "RunInterrupted", "RunLockedError", "StorageError", "run"]
-
-
-def build_policy(cache_cfg: DictConfig) -> CachePolicy:
-    """Instantiate `conf/cache/<name>.yaml`; `name` labels the record and is not a policy field."""
-    return call_target(cache_cfg, exclude=("name",))
-
-
-def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
-    """The model adapter of `conf/model/<name>.yaml`, with the run's sampling and weights choices."""
-    if device.type == "cpu":
-        keep_freed_heap()  # decode steps' large temporaries reuse heap pages instead of faulting fresh ones
-    return call_target(cfg.model, sampling=OmegaConf.to_container(cfg.sampling, resolve=True), weights=cfg.weights,
-                       weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype, seed=cfg.seed,
-                       compile=cfg.compile, compile_backend=cfg.compile_backend)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_generation(generator, policy: CachePolicy, budget: int, conditions, sample_ids: torch.Tensor,
-                     seed: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Generate one batch (fresh caches); returns tokens (B, N) and its cost.
-
-    `conditions` are what the generator takes: class labels (B,) or prompts. Peak memory covers the
-    cache allocation and the whole generation: the CUDA allocator's peak
-    (weights included), or on CPU the RSS increase over the loaded model.
-    """
-    with PeakMemory(device) as memory:
-        _synchronize(device)
-        began = time.perf_counter()
-        generation = generator.generate(conditions, sample_ids, policy, budget, seed)
-        _synchronize(device)
-        seconds = time.perf_counter() - began
-    return generation.tokens, {"generation_s": seconds, "kv_cache_capacity_bytes": generation.capacity_bytes(),
-                    "prefix_len": max(cache.layout.prefix_len for cache in generation.caches),
-                    "kv_cache_high_water_bytes": generation.high_water_bytes(),
-                    "peak_memory_bytes": memory.peak_bytes if device.type == "cuda" else memory.peak_increase_bytes,
-                    "peak_memory_method": memory.method}
 
 
 def decode(generator, tokens: torch.Tensor, resolution: int | None) -> torch.Tensor:
@@ -177,7 +136,7 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
     check_run_fields(cfg)  # before the folder is touched or a model loaded
     run_dir = Path(cfg.run_dir)
     benchmark = call_target(cfg.benchmark, exclude=("name",))
-    if hasattr(benchmark, "run_suite") and ranks.distributed:
+    if benchmark.suite and ranks.distributed:
         raise ValueError(f"benchmark={cfg.benchmark.name} measures one process on one device (the paper's "
                          "protocol): start it without torchrun / with one task")
     identity = {"config": config_identity(cfg)}
@@ -185,12 +144,12 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
     try:
         # a finished run is used wherever it was made if device and dtype were left to the machine (not for
         # a suite: it measures the device)
-        suite = hasattr(benchmark, "run_suite")
+        suite = benchmark.suite
         unpinned = () if suite else tuple(field for field in ("device", "dtype") if cfg[field] == "auto")
         existing = None if cfg.force else runfolder.existing_result(run_dir, identity, unpinned)
         if lock is not None:  # rank 0 holding the folder (not a read-only one)
             runfolder.remove_leftovers(run_dir, finished=existing is not None)
-        if cfg.stage == "evaluate" and existing is None and getattr(benchmark, "scores_external_images", False):
+        if cfg.stage == "evaluate" and existing is None and benchmark.scores_external_images:
             resolved = OmegaConf.to_container(cfg, resolve=True)
             return evaluate_external(cfg, benchmark, resolved, run_dir) if ranks.is_main else {"rank": ranks.rank}
         if cfg.stage == "evaluate" and existing is None:
@@ -213,7 +172,7 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
 def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: dict, identity: dict) -> dict:
     """Sample this rank's missing shards under the run's identity; rank 0 then merges, records, evaluates."""
     run_dir = Path(cfg.run_dir)
-    if cfg.stage == "all" and hasattr(benchmark, "check"):
+    if cfg.stage == "all":
         ranks.on_main(benchmark.check)  # e.g. the reference batch: fail before hours of sampling, not after
     keep = parse_keep(cfg.keep)
     device = ranks.device(resolve_device(cfg.device))
@@ -224,10 +183,10 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     budget = keep.budget(layout.num_visual)
     check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=cfg.cache.name,
                  model=cfg.model.name)
-    if cfg.decode_images and not getattr(generator, "can_decode", True):
+    if cfg.decode_images and not generator.can_decode:
         generator.decode_images(None)  # raises the adapter's message about the missing decoder files
     samples = benchmark.samples(cfg, generator)
-    resolution = getattr(benchmark, "resolution", None)
+    resolution = benchmark.resolution
     identity = {**identity, "content": content_identity(generator.weight_files, samples.arrays, len(samples),
                                                         resolution)}
     fingerprint = run_fingerprint(cfg, identity["content"])

@@ -37,6 +37,8 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
+from lineareval.api import policy_colors
+
 
 def repository_root() -> Path:
     """The checkout this notebook belongs to (Jupyter starts a kernel in the notebook's folder)."""
@@ -49,8 +51,7 @@ OUTPUTS = Path(os.environ.get("LINEAREVAL_OUTPUTS", repository_root() / "outputs
 FIGURES = Path(os.environ.get("LINEAREVAL_FIGURES", RESULTS / "figures"))
 LABEL = os.environ.get("LINEAREVAL_FIGURE_LABEL", "")
 GRID_IMAGES = int(os.environ.get("LINEAREVAL_GRID_IMAGES", "6"))
-COLORS = {"full": "black", "linear": "tab:red", "window": "tab:blue", "streamingllm": "tab:green",
-          "h2o": "tab:orange", "rkv": "tab:purple"}
+COLORS = policy_colors()  # one per policy of conf/cache/ (full in black): a new policy gets its own
 print(f"results: {RESULTS}\noutputs: {OUTPUTS}\nfigures: {FIGURES}")
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from lineareval.api import policy_names
 from lineareval.record import load_record
 
-POLICY_ORDER = ("full", "window", "streamingllm", "h2o", "linear")
 COLUMNS = {"cache": "policy", "keep": "keep", "visual_budget": "budget", "fid": "FID",
            "peak_memory_mib": "peak memory MiB", "kv_cache_mib": "KV cache MiB", "images_per_s": "images/s"}
 LABEL_WIDTH = 140
@@ -29,7 +29,7 @@ def finished_runs(root: Path, seed: int) -> list[tuple[dict, Path]]:
     runs = [(record, folder) for record, folder in runs if record.get("seed") == seed and "rows" not in record]
     if not runs:
         raise SystemExit(f"no finished runs of seed {seed} (metrics.json) under {root}")
-    rank = {name: index for index, name in enumerate(POLICY_ORDER)}
+    rank = {name: index for index, name in enumerate(policy_names())}  # conf/cache/: full first
     return sorted(runs, key=lambda run: (run[0]["model"], rank.get(run[0]["cache"], len(rank)), run[0]["cache"],
                                          -run[0]["visual_budget"]))
 

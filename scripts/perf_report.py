@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from collect import collect_step_latency  # noqa: E402
 
-BOUNDED = ("window", "streamingllm", "h2o", "linear")
 
 
 def run(*command: str) -> None:

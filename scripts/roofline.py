@@ -53,14 +53,11 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
+from lineareval.api import build_policy, policy_config
 from lineareval.cache import KVCache, ScoreNeed, TokenLayout
-from lineareval.config import call_target
 from lineareval.keep import parse_keep
 from lineareval.models.packed import Linear, pack_linears
 from lineareval.record import environment_info, load_record
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 @dataclass
 class Machine:
@@ -272,10 +269,6 @@ def step_work(shape: DecodeShape, sequences: int, element: int, width: int, mask
     return StepWork(flops, weight_bytes, layers * attention_flops, layers * kv_bytes, logits_bytes)
 
 
-def policy_for(name: str):
-    return call_target(OmegaConf.load(CONF_DIR / "cache" / f"{name}.yaml"), exclude=("name",))
-
-
 def roofline_rows(run_dir: Path, machine_for) -> list[dict]:
     """One row per row of the run's efficiency.csv: the bounds of its decode steps beside their measured time."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -292,7 +285,7 @@ def roofline_rows(run_dir: Path, machine_for) -> list[dict]:
         shape = decode_shape(model, prefix, guided)
         sequences = int(row.sequences)
         machine = machine_for(device, dtype, sequences // shape.passes, shape)
-        policy = policy_for(row.cache)
+        policy = build_policy(policy_config(cfg, row.cache))  # composed by Hydra in the run's config
         budget = parse_keep(row.keep).budget(shape.layout.num_visual)
         work = [step_work(shape, sequences, element, width, masked, policy.needs_scores, line_end)
                 for width, masked, line_end in attended_widths(policy, shape.layout, budget)]

@@ -9,12 +9,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from lineareval.config import register_resolvers
+from lineareval.api import policy_names
+from lineareval.identity import register_resolvers
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
 from lineareval.runner import build_policy
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CACHE_CONFIGS = sorted(path.stem for path in (CONF_DIR / "cache").glob("*.yaml"))
+CACHE_CONFIGS = policy_names()  # every policy of conf/cache/, as Hydra lists the group
 MODEL_CONFIGS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
 
 

@@ -18,7 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR
-from lineareval.config import register_resolvers
+from lineareval.identity import register_resolvers
 from lineareval.demo import DEMO_DIR, GPT_FILE, VQ_FILE
 from lineareval.demo.data import PHOTOS, SPLITS, crop_boxes, heldout_corner, load_photos, make_crops
 from lineareval.keep import parse_keep

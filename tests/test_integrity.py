@@ -269,8 +269,8 @@ def test_weights_match_by_content_wherever_the_file_is(make_config, tmp_path, mo
     first, copies = tmp_path / "first", tmp_path / "copies"
     for folder in (first, copies):
         folder.mkdir()
-        torch.save({"model": generator.gpt.state_dict()}, folder / "tiny_c2i.pt")
-        torch.save({"model": generator.vq.state_dict()}, folder / "tiny_vq.pt")
+        torch.save({"model": generator.model.state_dict()}, folder / "tiny_c2i.pt")
+        torch.save({"model": generator.family.vq.state_dict()}, folder / "tiny_vq.pt")
     common = (*SMALL, "weights=checkpoint", "num_samples=2", "batch_size=1")
 
     def files(folder: Path) -> tuple[str, str]:

@@ -22,15 +22,18 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from lineareval.config import register_resolvers
+from lineareval.api import policy_names
+from lineareval.config import call_target
+from lineareval.identity import register_resolvers
 from lineareval.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 EXPERIMENTS = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
-POLICIES = ("window", "streamingllm", "h2o", "linear")
+POLICIES = tuple(name for name in policy_names() if name != "full")
 KEEPS = ("1/4", "1/6", "1/8")
 
 
@@ -45,16 +48,17 @@ def _load_slurm_local():
 slurm_local = _load_slurm_local()
 
 
-# --- the grids: what `python run.py -m +experiment=NAME` sweeps, expanded as Hydra's basic sweeper does ---
+# --- the grids: what `python run.py -m experiment=NAME` sweeps, expanded as Hydra's basic sweeper does ---
 
 def sweep_jobs(experiment: str, *overrides: str) -> list:
     """The composed config of every job of the sweep (sweeper params first, command line last, as Hydra)."""
     register_resolvers()
-    arguments = [f"+experiment={experiment}", "output_root=out", *overrides]
+    arguments = [f"experiment={experiment}", "output_root=out", *overrides]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         master = compose("config", overrides=arguments, return_hydra_config=True)
         params = [f"{key}={value}" for key, value in master.hydra.sweeper.params.items()]
-        parsed = OverridesParser.create().parse_overrides(params + arguments)
+        loader = GlobalHydra.instance().config_loader()  # expands glob(*) over a config group, as the sweeper does
+        parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + arguments)
         (jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
         return [compose("config", overrides=job) for job in jobs]
 
@@ -72,9 +76,10 @@ def test_efficiency_sweeps_the_papers_table():
     assert table == {"llamagen_xl": (256, ["1/4", "1/6"]), "llamagen_xxl": (128, ["1/4", "1/6"]),
                      "janus_pro_1b": (128, ["1/4", "1/6"]), "janus_pro_7b": (64, ["1/4", "1/6"]),
                      "lumina_mgpt_768": (12, ["1/6", "1/8"]), "lumina_mgpt_1024": (8, ["1/8"])}
-    for job in jobs:
-        assert (job.benchmark.name, job.weights, list(job.benchmark.policies)) == ("efficiency", "random",
-                                                                                   ["full", "linear"])
+    for job in jobs:  # every policy of conf/cache/, full first
+        assert (job.benchmark.name, job.weights, job.benchmark.policies) == ("efficiency", "random", None)
+        specs = call_target(job.benchmark, exclude=("name",)).entry_specs()
+        assert specs[0] == ("full", "1") and {name for name, _ in specs} == set(policy_names())
         assert job.num_samples == job.batch_size  # one batch of class labels is enough for the timing
 
 
@@ -132,7 +137,7 @@ def test_make_sweep_targets_pick_the_launcher(target):
 
     slurm, local = make("-n", "-o", "setup", target, "LAUNCHER=slurm", "ARGS=seed=3"), make("-n", "-o", "setup", target)
     assert slurm.returncode == 0 and local.returncode == 0, slurm.stderr + local.stderr
-    assert "+experiment=" in slurm.stdout and "seed=3" in slurm.stdout
+    assert "experiment=" in slurm.stdout and "seed=3" in slurm.stdout
     assert "hydra/launcher=slurm" in slurm.stdout and "hydra/launcher" not in local.stdout
     assert f"make {target} " in make("help").stdout
     wrong = make("-n", target, "LAUNCHER=cloud")

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lineareval.benchmarks.base import Benchmark
 from lineareval.benchmarks.samples import SampleSet, text_samples
 from lineareval.record import write_npz_atomic
 
@@ -37,7 +38,7 @@ def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
 
 
 @dataclass
-class CocoFID:
+class CocoFID(Benchmark):
     """`annotations`: captions_val2014.json (or 2017); `images_dir`: the matching image folder."""
 
     annotations: str

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lineareval.benchmarks.base import Benchmark
 from lineareval.benchmarks.samples import SampleSet
 from lineareval.record import write_npz_atomic
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DemoFID:
+class DemoFID(Benchmark):
     """`reference_count` held-out crops (drawn with `reference_seed`) scored with `extractor`."""
 
     reference_count: int = 200

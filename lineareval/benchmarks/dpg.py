@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lineareval.benchmarks.base import Benchmark
 from lineareval.benchmarks.samples import SampleSet, text_samples
 from lineareval.config import call_target
 from lineareval.record import write_json_atomic
@@ -58,7 +59,7 @@ class GridCrops(Sequence):
 
 
 @dataclass
-class DPGBench:
+class DPGBench(Benchmark):
     """`questions`: dpg_bench.csv; `prompts_dir`: the release's prompts/ folder; `limit`: first N prompts;
     `scoring`: official | corrected; `images_dir`: score external 2x2 grids instead (stage=evaluate)."""
 

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from lineareval.api import build_policy, policy_config, policy_names, timed_generation
+from lineareval.benchmarks.base import Benchmark
 from lineareval.benchmarks.samples import Samples
 from lineareval.cache import CachePolicy
 from lineareval.decoding.decoder import StepTimer
@@ -41,7 +42,6 @@ from lineareval.record import write_csv_atomic
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds"]
 STEP_FILE = "step_latency.csv"
@@ -71,10 +71,12 @@ class Entry:
 
 
 @dataclass
-class Efficiency:
-    """`policies`: names of conf/cache/*.yaml; `keeps`: budgets for every policy but `full`."""
+class Efficiency(Benchmark):
+    """`policies`: names of conf/cache/*.yaml (None: every one); `keeps`: budgets for every policy but `full`."""
 
-    policies: list[str] = field(default_factory=lambda: ["full", "window", "streamingllm", "h2o", "linear"])
+    suite = True  # runs its policies itself, in this process
+
+    policies: list[str] | None = None  # None: every policy of conf/cache/ (lineareval.api.policy_names)
     keeps: list[str] = field(default_factory=lambda: ["1/4", "1/6"])
     warmup: int = 1
     repeats: int = 1  # timed generations per policy: medians of their times
@@ -95,8 +97,6 @@ class Efficiency:
             raise ValueError(f"benchmark.order must be one of {ORDERS}, got {self.order!r}")
 
     def run_suite(self, cfg, generator, device) -> list[dict]:
-        from lineareval.runner import build_policy
-
         if generator.conditioning == "text" and not (cfg.prompt or cfg.prompts_file):
             cfg.prompt, cfg.images_per_prompt = self.prompt, cfg.batch_size  # one prompt, a batch of images
         samples = Samples().samples(cfg, generator)
@@ -105,11 +105,12 @@ class Efficiency:
                              "add prompts or images_per_prompt")
         ids, conditions = samples.batch(0, cfg.batch_size, device)
         layout, entries = generator.layout, []
+        known = policy_names()
         for name, text in self.entry_specs():  # every entry is checked before anything runs
-            path = CONF_DIR / "cache" / f"{name}.yaml"
-            if not path.exists():
-                raise FileNotFoundError(f"benchmark.policies names {name!r} but {path} does not exist")
-            policy = build_policy(OmegaConf.load(path))
+            if name not in known:
+                raise FileNotFoundError(f"benchmark.policies names {name!r}, which is not a config of conf/cache/ "
+                                        f"(known: {', '.join(known)})")
+            policy = build_policy(policy_config(cfg, name))  # composed by Hydra, as cache=<name> would be
             keep = parse_keep(text)
             budget = keep.budget(layout.num_visual)
             check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
@@ -153,7 +154,8 @@ class Efficiency:
     def entry_specs(self) -> list[tuple[str, str]]:
         """(policy, keep) of every row: `rows` ("policy@keep"; `full` at keep 1), else policies x keeps."""
         if self.rows is None:
-            return [(name, keep) for name in self.policies for keep in (["1"] if name == "full" else self.keeps)]
+            policies = policy_names() if self.policies is None else self.policies
+            return [(name, keep) for name in policies for keep in (["1"] if name == "full" else self.keeps)]
         specs = []
         for row in self.rows:
             name, _, keep = str(row).partition("@")
@@ -173,8 +175,6 @@ class Efficiency:
     def warm_up(self, cfg, generator, entry: Entry, *, conditions, ids: torch.Tensor, device: torch.device,
                 progress: tqdm) -> float:
         """`warmup` untimed generations (with `compile=true` they compile the step); their wall time."""
-        from lineareval.runner import timed_generation
-
         progress.set_postfix_str(f"{entry.name} {entry.keep} warm-up")
         began = time.perf_counter()
         for _ in range(self.warmup):
@@ -185,8 +185,6 @@ class Efficiency:
     def timed_run(self, cfg, generator, entry: Entry, *, conditions, ids: torch.Tensor, device: torch.device,
                   progress: tqdm) -> Run:
         """One timed generation: its cost, every step's time, the process CPU time and what was resident before."""
-        from lineareval.runner import timed_generation
-
         progress.set_postfix_str(f"{entry.name} {entry.keep}")
         release_freed_memory()
         resident = resident_bytes(device)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lineareval.benchmarks.base import Benchmark
 from lineareval.benchmarks.samples import SampleSet
 from lineareval.sampling import class_labels
 
@@ -29,7 +30,7 @@ RECORDED = ("fid", "fid_adm_stats", "sfid", "sfid_reason", "inception_score_mean
 
 
 @dataclass
-class ImageNetFID:
+class ImageNetFID(Benchmark):
     """`reference`: path of VIRTUAL_imagenet256_labeled.npz; `extractor`: a name from lineareval.metrics."""
 
     reference: str

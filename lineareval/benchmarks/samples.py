@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lineareval.benchmarks.base import Benchmark
 from lineareval.sampling import class_labels
 
 IMAGE_KEY_BITS = 20
@@ -71,7 +72,7 @@ def text_samples(prompts: list[str], images_per_prompt: int) -> SampleSet:
 
 
 @dataclass
-class Samples:
+class Samples(Benchmark):
     """Conditions for class- or text-conditional models; scores nothing beyond the runner's cost record."""
 
     def samples(self, cfg, generator) -> SampleSet:
