@@ -22,7 +22,7 @@ from lineareval.decoding.stepper import Stepper
 from lineareval.keep import parse_keep
 from lineareval.models.chameleon import ChameleonLM, ChameleonLMConfig
 from lineareval.models.layers import TextPrefix
-from test_cache import oracle_masks, run_policy
+from test_cache import run_policy
 
 KEEPS = ["1/4", 21]
 

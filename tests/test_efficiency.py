@@ -81,10 +81,9 @@ def test_repeated_timings_report_medians(make_config, monkeypatch):
         tokens, cost = real_generation(generator, policy, budget, conditions, ids, seed, device)
         return tokens, {**cost, "generation_s": next(totals)}
 
-    import lineareval.runner as runner
-    real_generation = runner.timed_generation
+    real_generation = efficiency.timed_generation
     monkeypatch.setattr(efficiency, "StepTimer", FakeTimer)
-    monkeypatch.setattr(runner, "timed_generation", fake_generation)
+    monkeypatch.setattr(efficiency, "timed_generation", fake_generation)
     cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=2", "model.image_size=128",
                       "benchmark.warmup=0", "benchmark.repeats=3", "benchmark.policies=[full]")
     (row,) = run(cfg)["rows"]
@@ -99,15 +98,14 @@ def test_repeated_timings_report_medians(make_config, monkeypatch):
 def test_timed_runs_take_turns_across_policies(make_config, monkeypatch, order):
     """interleaved: all warm-ups, then rounds that time every entry once (each round starts one later)."""
     from lineareval.benchmarks import efficiency
-    import lineareval.runner as runner
 
-    calls, real_generation = [], runner.timed_generation
+    calls, real_generation = [], efficiency.timed_generation
 
     def logged_generation(generator, policy, budget, conditions, ids, seed, device):
         calls.append((policy.name, budget, "timed" if isinstance(generator, efficiency.WithTimer) else "warm-up"))
         return real_generation(generator, policy, budget, conditions, ids, seed, device)
 
-    monkeypatch.setattr(runner, "timed_generation", logged_generation)
+    monkeypatch.setattr(efficiency, "timed_generation", logged_generation)
     cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=1", "model.image_size=64",
                       "benchmark.policies=[full,window]", "benchmark.keeps=[1/4,1/2]", "benchmark.repeats=3",
                       f"benchmark.order={order}")

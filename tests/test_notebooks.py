@@ -21,8 +21,11 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.colors import to_rgb
 from nbclient import NotebookClient
 from PIL import Image
+
+from lineareval.api import policy_colors
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -247,10 +250,12 @@ def test_figures_from_fixture_results(with_runs):
         ["memory_latency_vs_keep.png", "memory_latency_vs_batch.png", "fid_vs_keep.png", grid, "step_latency.png"])
     for path in figures.iterdir():
         assert_real_png(path)
+    colors = {name: tuple(round(255 * channel) for channel in to_rgb(color))
+              for name, color in policy_colors().items()}  # the notebook's colours: one per policy of conf/cache/
     for name in ("memory_latency_vs_keep.png", "memory_latency_vs_batch.png", "step_latency.png"):
-        for policy in ((214, 39, 40), (31, 119, 180)):  # linear (tab:red) and window (tab:blue) are drawn
-            assert len(pixels_near(figures / name, policy)) > 30, (name, policy)
-    assert len(pixels_near(figures / "memory_latency_vs_keep.png", (44, 160, 44))) > 30  # streamingllm
+        for policy in ("linear", "window"):  # both are drawn, each in its own colour
+            assert len(pixels_near(figures / name, colors[policy])) > 30, (name, policy)
+    assert len(pixels_near(figures / "memory_latency_vs_keep.png", colors["streamingllm"])) > 30
     rows = {color: pixels_near(figures / grid, color, tolerance=0)[:, 0] for color in SAMPLE_COLORS.values()}
     assert all(len(rows[color]) > 2000 for color in list(SAMPLE_COLORS.values())[:3])
     assert len(rows[SAMPLE_COLORS["linear", "1/4", 1]]) == 0  # another seed never joins the seed-0 grid
