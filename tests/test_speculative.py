@@ -143,3 +143,54 @@ def test_the_record_names_the_decoding_method_and_its_passes(make_config):
     assert record["decoding"]["name"] == "gsd" and record["distribution_preserving"] is False
     assert 1 <= record["tokens_per_pass"] and record["decode_passes_per_image"] <= 255
     assert "_gsd_" in make_config("decoding=gsd").run_dir
+
+
+@pytest.mark.parametrize("policy", ["window", "streamingllm", "h2o"])
+def test_per_step_policies_with_commit_eviction_follow_the_chunk_semantics(make_config, policy, monkeypatch):
+    """`eviction: commit`: SJD's windows run past per-step evictions; every committed query's logits equal the
+    forward that hides exactly what the engine showed it (the cache as the window began plus the window's
+    earlier tokens), the engine's chunk semantics (tests/test_chunks.py), and evictions happen at commit."""
+    from lineareval.cache.engine import KVCache
+    from lineareval.decoding.stepper import Stepper
+    from test_chunks import ChunkTrace, chunk_masks
+    from conftest import llamagen_depth, roundoff_tolerance
+
+    sequential, _, built, budget = tiny_pair(make_config, "llamagen", policy)
+    model, layout = sequential.model, sequential.layout
+    speculative = Generator.assemble("sjd", model, sequential.family, sequential.decoder.sampling, "random",
+                                     decoding=Speculative(window=5, eviction="commit"))
+    chunks, commit, decode_chunk = [], KVCache.commit, Stepper.decode_chunk
+
+    def recording_chunk(self, tokens, first, cache, positions=None):
+        before = cache.visible_positions()
+        logits = decode_chunk(self, tokens, first, cache, positions)
+        chunks.append([before, tokens.clone(), first.clone(), logits, None])
+        return logits
+
+    def recording_commit(self, counts):
+        chunks[-1][-1] = np.asarray(counts).copy()
+        return commit(self, counts)
+
+    monkeypatch.setattr(Stepper, "decode_chunk", recording_chunk)
+    monkeypatch.setattr(KVCache, "commit", recording_commit)
+    labels = torch.tensor([3, 7])
+    generation = speculative.generate(labels, torch.arange(2), built, budget, seed=0)
+    sequences, steps, total = 4, layout.num_visual - 1, layout.prefix_len + layout.num_visual
+    visible = torch.zeros(len(model.layers), sequences, model.config.n_head, steps, total, dtype=torch.bool)
+    logits = torch.zeros(sequences, steps, model.config.vocab_size)
+    for before, tokens, first, out, counts in chunks:  # before: the cache as the window began (attention time)
+        for row in range(sequences):
+            for order in range(int(counts[row])):
+                index = int(first[row]) + order
+                logits[row, index] = out[row, order]
+                for layer, layer_map in enumerate(before):
+                    seen = layer_map[row].clone()
+                    seen[:, layout.prefix_len + int(first[row]): layout.prefix_len + index + 1] = True
+                    visible[layer, row, :, index] = seen
+    rows = torch.cat([labels, torch.full_like(labels, sequential.family.num_classes)])  # [cond; null]
+    fed = torch.cat([generation.tokens, generation.tokens])[:, :-1]
+    oracle = model(rows, fed, chunk_masks(ChunkTrace(logits, visible, len(chunks)), layout.prefix_len))
+    oracle = oracle[:, layout.prefix_len:]
+    torch.testing.assert_close(logits, oracle, **roundoff_tolerance(oracle, llamagen_depth(model)))
+    # windows ran past per-step evictions: chunks begun with the budget full committed several tokens
+    assert any(int(counts.max()) > 1 for _, _, first, _, counts in chunks if int(first.min()) >= budget)
