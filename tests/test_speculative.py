@@ -2,8 +2,8 @@
 
 - greedy SJD (top_k=1: Jacobi decoding) gives the sequential tokens, and leaves every cache holding exactly
   the positions sequential decoding's holds (per layer, head and sequence);
-- sampling: the frequency of each token at a fixed position over thousands of samples agrees with
-  sequential sampling (a chi-square test), and a wrong acceptance rule fails the same test;
+- sampling: the frequency of each value of the first token SJD verifies, over thousands of samples, agrees with
+  sequential sampling (a chi-square test), and a wrong acceptance rule or residual fails the same test;
 - an image's tokens do not depend on the batch it is generated in.
 """
 
@@ -23,6 +23,7 @@ from lineareval.sampling import SamplingConfig
 from test_compile_readiness import PROMPTS, TINY
 
 P_THRESHOLD = 1e-3  # chi-square homogeneity: a correct sampler fails this once in a thousand seeds
+SAMPLES = 6000  # per sampler: enough that a residual drawn from p instead of max(0, p - q) fails (p ~ 1e-6)
 
 
 def keep_for(name: str) -> str:
@@ -83,16 +84,17 @@ def tiny_sampler(window: int = 3, wrong: bool = False):
     return sequential, speculative
 
 
-def last_token_counts(generator, count: int, seed: int, policy) -> np.ndarray:
+def first_verified_counts(generator, count: int, seed: int, policy) -> np.ndarray:
+    """Counts of token 1: the first one SJD verifies, always against a random (uniform) draft first."""
     labels = torch.arange(count) % 10
     tokens = generator.generate(labels, torch.arange(count), policy, 4, seed=seed).tokens
-    return np.bincount(tokens[:, -1].numpy(), minlength=6)
+    return np.bincount(tokens[:, 1].numpy(), minlength=6)
 
 
 def test_sjd_samples_the_sequential_distribution(policy_factory):
     sequential, speculative = tiny_sampler()
     full = policy_factory("full")
-    table = np.stack([last_token_counts(sequential, 3000, 0, full), last_token_counts(speculative, 3000, 1, full)])
+    table = np.stack([first_verified_counts(sequential, SAMPLES, 0, full), first_verified_counts(speculative, SAMPLES, 1, full)])
     assert chi2_contingency(table[:, table.sum(0) > 0])[1] > P_THRESHOLD, table
 
 
@@ -107,7 +109,21 @@ def test_a_wrong_acceptance_rule_fails_the_same_test(policy_factory, monkeypatch
     monkeypatch.setattr(JacobiState, "verify", accept_all)
     sequential, speculative = tiny_sampler()
     full = policy_factory("full")
-    table = np.stack([last_token_counts(sequential, 3000, 0, full), last_token_counts(speculative, 3000, 1, full)])
+    table = np.stack([first_verified_counts(sequential, SAMPLES, 0, full), first_verified_counts(speculative, SAMPLES, 1, full)])
+    assert chi2_contingency(table[:, table.sum(0) > 0])[1] < P_THRESHOLD, table
+
+
+def test_a_wrong_residual_fails_the_same_test(policy_factory, monkeypatch):
+    """Resampling a rejected draft from p instead of the residual max(0, p - q) over-weights what q proposed."""
+    from lineareval.decoding import speculative
+
+    def residual_from_p(self, p, positions, drafts):
+        return self.draw(p[:, None], positions[:, None], speculative.RESIDUAL)[:, 0]
+
+    monkeypatch.setattr(JacobiState, "residual", residual_from_p)
+    sequential, sjd = tiny_sampler()
+    full = policy_factory("full")
+    table = np.stack([first_verified_counts(sequential, SAMPLES, 0, full), first_verified_counts(sjd, SAMPLES, 1, full)])
     assert chi2_contingency(table[:, table.sum(0) > 0])[1] < P_THRESHOLD, table
 
 
