@@ -77,8 +77,8 @@ def test_repeated_timings_report_medians(make_config, monkeypatch):
         def seconds(self):
             return [self.run + step / 100 for step in range(len(super().seconds()))]
 
-    def fake_generation(generator, policy, budget, conditions, ids, seed, device):
-        tokens, cost = real_generation(generator, policy, budget, conditions, ids, seed, device)
+    def fake_generation(generator, policy, budget, conditions, ids, seed, device, method=None):
+        tokens, cost = real_generation(generator, policy, budget, conditions, ids, seed, device, method)
         return tokens, {**cost, "generation_s": next(totals)}
 
     real_generation = efficiency.timed_generation
@@ -101,9 +101,9 @@ def test_timed_runs_take_turns_across_policies(make_config, monkeypatch, order):
 
     calls, real_generation = [], efficiency.timed_generation
 
-    def logged_generation(generator, policy, budget, conditions, ids, seed, device):
+    def logged_generation(generator, policy, budget, conditions, ids, seed, device, method=None):
         calls.append((policy.name, budget, "timed" if isinstance(generator, efficiency.WithTimer) else "warm-up"))
-        return real_generation(generator, policy, budget, conditions, ids, seed, device)
+        return real_generation(generator, policy, budget, conditions, ids, seed, device, method)
 
     monkeypatch.setattr(efficiency, "timed_generation", logged_generation)
     cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=1", "model.image_size=64",
