@@ -18,9 +18,10 @@ once, so no replicate re-extracts features or rebuilds an n x n kernel.
   are merged into weights, so only distinct indices enter the eigenproblem); for n > D through the
   D x D weighted covariance and sigma_r^(1/2), precomputed. Both equal `metrics.fid.frechet_distance`
   of the resampled features up to rounding. Cost per replicate and run: n <= D: an eigvalsh of at
-  most n x n; n > D: the covariance (n D^2 multiply-adds) and a D x D eigvalsh. At 50,000 samples and
-  D = 2048 that is 2.1e11 multiply-adds plus the eigvalsh: about 4 s on two CPU cores, about 0.05 s on
-  one H100/H200 (float64), so 1,000 replicates of two runs take about 2.2 h on that CPU and 2 min there.
+  most n x n; n > D: the covariance (n D^2 multiply-adds), two D^3 products and a D x D eigvalsh. At
+  D = 2048, measured on two shared CPU cores: 5.5 s per replicate at n = 5,000 (eigvalsh 3.7 s), so
+  about 10-15 s at n = 50,000 and 6-8 h for 1,000 replicates of two runs; estimated 0.1 s on one
+  H100/H200 in float64 (the statistics run on the evaluation device), a few minutes in all.
 - KID (Binkowski et al. 2018, https://arxiv.org/abs/1801.01401): the unbiased MMD^2 with torch-fidelity's
   cubic polynomial kernel (x.y / D + 1)^3 over all n samples and all M reference images (one U-statistic,
   not torch-fidelity's average over random subsets, whose spread is that of the subset size, not of the
