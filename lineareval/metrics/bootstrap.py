@@ -196,15 +196,10 @@ class MeanReplicates:
 def replicates(statistics: list[Callable[[np.ndarray], np.ndarray]], n: int,
                settings: BootstrapSettings) -> tuple[np.ndarray, np.ndarray]:
     """Each statistic on the n samples themselves (S,) and on the shared resamples (replicates, S)."""
+    start = time.perf_counter()
     point = np.array([float(statistic(np.ones((1, n), dtype=np.int64))[0]) for statistic in statistics])
     values = [np.stack([statistic(block) for statistic in statistics], axis=1)
               for block in replicate_counts(n, settings)]
+    log.debug("%d replicates of %d statistics over %d samples: %.2f s", settings.replicates, len(statistics), n,
+              time.perf_counter() - start)
     return point, np.concatenate(values)
-
-
-def timed(what: str, function: Callable, *args):
-    """`function(*args)`, logging how long it took (what a replicate costs is part of the record)."""
-    start = time.perf_counter()
-    result = function(*args)
-    log.info("%s: %.2f s", what, time.perf_counter() - start)
-    return result, time.perf_counter() - start

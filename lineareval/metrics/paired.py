@@ -19,7 +19,6 @@ so sample i of one is compared with sample i of the other:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,8 +26,6 @@ import torch
 
 from lineareval.metrics.bootstrap import (BootstrapSettings, FrechetReplicates, KernelReplicates, MeanReplicates,
                                           percentile_interval, replicates)
-
-log = logging.getLogger(__name__)
 
 DATA_RANGE = 255.0
 RECALL_REASON = ("no interval: recall depends on the sample set through k-NN balls built from the samples, "
@@ -139,12 +136,12 @@ def distribution_summary(features: np.ndarray, reference, settings: BootstrapSet
     return record
 
 
-def _kid_record(point: float | None, replicates: np.ndarray | None, settings: BootstrapSettings) -> dict:
+def _kid_record(point: float | None, values: np.ndarray | None, settings: BootstrapSettings) -> dict:
     if point is None:
         reason = (f"KID needs the n x n kernel of the samples; n is above paired.kid_max_samples = "
                   f"{settings.kid_max_samples}")
         return {"kid": None, "kid_se": None, "kid_reason": reason}
-    return {"kid": float(point), "kid_se": float(replicates.std(ddof=1)), "kid_reason": None}
+    return {"kid": float(point), "kid_se": float(values.std(ddof=1)), "kid_reason": None}
 
 
 def _recall_difference(features: np.ndarray, partner: np.ndarray, reference: np.ndarray, k: int) -> dict:
