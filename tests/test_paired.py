@@ -83,7 +83,8 @@ def test_the_partner_is_the_finished_full_run_of_the_same_samples(tmp_path):
 
 def test_runs_record_why_they_have_no_partner_then_pair_with_the_full_run(make_config, tmp_path, monkeypatch):
     """linear first (no partner yet: a reason, KID alone), then full, then stage=evaluate on linear: paired
-    fields, consistent with both records, from cached features only (no Inception network is built)."""
+    fields, consistent with both records, from cached features only (no Inception network is built). A
+    named folder that does not pair, and paired.partner=none, are recorded with their reason, not fatal."""
     compressed = run(make_config(*TINY_DEMO, "cache=linear", "keep=1/4"))
     assert compressed["partner_run_dir"] is None and "cache=full keep=1" in compressed["partner_reason"]
     assert compressed["kid_se"] > 0 and "fid_difference" not in compressed and "token_agreement" not in compressed
@@ -111,15 +112,13 @@ def test_runs_record_why_they_have_no_partner_then_pair_with_the_full_run(make_c
     assert paired["bootstrap_replicates"] == 200 and paired["recall_difference_reason"]
     assert json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["evaluated_fields"] == sorted(
         set(paired) - set(compressed) | set(compressed["evaluated_fields"]))
-
-
-def test_a_named_partner_that_does_not_pair_is_recorded_not_fatal(make_config, tmp_path):
-    first = run(make_config(*TINY_DEMO, "cache=window", "keep=1/4", "paired.partner=none"))
-    assert first["partner_reason"].startswith("paired.partner=none")
-    window = make_config(*TINY_DEMO, "cache=window", "keep=1/4").run_dir
+    run_dir = Path(cfg.run_dir)
     elsewhere = tmp_path / "copied_run"
-    shutil.copytree(window, elsewhere)
-    record = run(make_config(*TINY_DEMO, "cache=window", "keep=1/4", "stage=evaluate", f"paired.partner={elsewhere}"))
-    assert record["partner_run_dir"] is None and "is not a full-cache run (cache=window)" in record["partner_reason"]
+    shutil.copytree(run_dir, elsewhere)
+    named = run(make_config(*TINY_DEMO, "cache=linear", "keep=1/4", "stage=evaluate", f"paired.partner={elsewhere}"))
+    assert named["partner_run_dir"] is None and "is not a full-cache run (cache=linear)" in named["partner_reason"]
+    assert "fid_difference" not in named and named["fid"] == paired["fid"]  # the earlier paired fields are gone
+    off = run(make_config(*TINY_DEMO, "cache=linear", "keep=1/4", "stage=evaluate", "paired.partner=none"))
+    assert off["partner_reason"].startswith("paired.partner=none") and off["kid"] == paired["kid"]
     with pytest.raises(ValueError, match="paired.replicates"):
-        run(make_config(*TINY_DEMO, "cache=window", "keep=1/4", "paired.replicates=1"))
+        run(make_config(*TINY_DEMO, "cache=linear", "keep=1/4", "paired.replicates=1"))
