@@ -36,10 +36,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 # Top-level fields that never change what a run samples: where things are, what mirrors the record,
-# what the command asks to do, and execution choices the keyed sampler is invariant to.
+# what the command asks to do, execution choices the keyed sampler is invariant to, and how a finished run
+# is compared with its full-cache partner (`paired`).
 EXECUTION_FIELDS = frozenset({"output_root", "run_dir", "weights_dir", "download", "logger", "force", "stage",
                               "grid_images", "batch_size", "compile", "compile_backend", "device", "dtype",
-                              "hydra"})
+                              "hydra", "paired"})
 # Execution fields that a suite benchmark (one that times generations itself) measures.
 SUITE_FIELDS = ("batch_size", "compile", "compile_backend")
 # Fields (at any depth) whose value names a file or folder: compared by the file's fingerprint, or by name.

@@ -17,6 +17,7 @@ SIGTERM (Slurm's time limit) ends the run cleanly with its finished shards kept.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from functools import partial
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from lineareval import distributed, runfolder, shards
 from lineareval.api import build_generator, build_policy, timed_generation
+from lineareval.benchmarks.paired import PairedRequest
 from lineareval.cache import CachePolicy
 from lineareval.config import call_target, check_run_fields, resolve_device, resolve_dtype
 from lineareval.identity import config_identity, content_identity, run_fingerprint
@@ -52,13 +54,25 @@ def decode(generator, tokens: torch.Tensor, resolution: int | None) -> torch.Ten
     return generator.decode_images(tokens, size=resolution)
 
 
-def evaluate_run(run_dir: Path, benchmark, record: dict, device: torch.device) -> dict:
-    """Score a finished generation and add the metrics to its metrics.json (written atomically)."""
+def evaluate_run(run_dir: Path, benchmark, record: dict, device: torch.device,
+                 paired: PairedRequest | None = None) -> dict:
+    """Score a finished generation and add the metrics to its metrics.json (written atomically).
+
+    An image benchmark also adds KID and the paired metrics against the full-cache partner (`paired`).
+    A record evaluated before is scored again from its generation fields: the metrics of the earlier
+    evaluation (`evaluated_fields`) are replaced, never the generation's own fields.
+    """
     metrics = benchmark.evaluate(run_dir, device)
-    clash = sorted(set(metrics) & (set(record) - {"evaluated"}))
+    if paired is not None and benchmark.pairs_images:
+        metrics.update(benchmark.evaluate_paired(run_dir, paired, device))
+    earlier = set(record.get("evaluated_fields", ()))
+    if record.get("evaluated") and "evaluated_fields" not in record:  # evaluated before the list was kept
+        earlier = set(metrics) - {field.name for field in dataclasses.fields(RunRecord)}
+    record = {key: value for key, value in record.items() if key not in earlier}
+    clash = sorted(set(metrics) & (set(record) - {"evaluated", "evaluated_fields"}))
     if clash:
         raise ValueError(f"benchmark metrics {clash} would overwrite fields of the record")
-    record = {**record, **metrics, "evaluated": True}
+    record = {**record, **metrics, "evaluated": True, "evaluated_fields": sorted(metrics)}
     write_json_atomic(run_dir / METRICS_FILE, record)
     log.info("%s: %s", run_dir, ", ".join(f"{key}={value}" for key, value in metrics.items()) or "no metrics")
     return record
@@ -140,6 +154,7 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
         raise ValueError(f"benchmark={cfg.benchmark.name} measures one process on one device (the paper's "
                          "protocol): start it without torchrun / with one task")
     identity = {"config": config_identity(cfg)}
+    paired = PairedRequest.from_config(cfg)  # a bad paired.* stops here, before anything is generated
     lock = ranks.on_main(partial(runfolder.lock, run_dir, cfg.force))
     try:
         # a finished run is used wherever it was made if device and dtype were left to the machine (not for
@@ -156,20 +171,22 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
             raise FileNotFoundError(f"stage=evaluate needs a finished generation in {run_dir} (metrics.json and "
                                     "samples.npz); run stage=generate or stage=all first")
         if existing is not None:
-            if cfg.stage == "generate" or existing.get("evaluated", True) or not ranks.is_main:
-                log.info("%s is finished; skipping (force=true reruns it)", run_dir)
+            rescore = cfg.stage == "evaluate" and "evaluated" in existing  # a generation record, scored again
+            if cfg.stage == "generate" or not ranks.is_main or (existing.get("evaluated", True) and not rescore):
+                log.info("%s is finished; skipping (force=true reruns it, stage=evaluate scores it again)", run_dir)
                 return existing
-            return evaluate_run(run_dir, benchmark, existing, resolve_device(cfg.device))
+            return evaluate_run(run_dir, benchmark, existing, resolve_device(cfg.device), paired)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if suite:  # a benchmark that runs several policies itself (efficiency)
             return run_suite(cfg, benchmark, resolved, run_dir, identity)
-        return _generate(cfg, ranks, benchmark, resolved, identity)
+        return _generate(cfg, ranks, benchmark, resolved, identity, paired)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: dict, identity: dict) -> dict:
+def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: dict, identity: dict,
+              paired: PairedRequest | None = None) -> dict:
     """Sample this rank's missing shards under the run's identity; rank 0 then merges, records, evaluates."""
     run_dir = Path(cfg.run_dir)
     if cfg.stage == "all":
@@ -214,7 +231,7 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     save_record(record, run_dir)  # generation is safe on disk before any scoring starts
     shutil.rmtree(folder)  # merged into tokens.npz / samples.npz (a kill before this: the next run removes it)
     if cfg.stage == "all":
-        return evaluate_run(run_dir, benchmark, record.to_dict(), device)
+        return evaluate_run(run_dir, benchmark, record.to_dict(), device, paired)
     log.info("%s: %.2f images/s, KV cache %.1f MiB allocated, peak memory %.1f MiB (%s) -> %s",
              cfg.cache.name, record.images_per_s, record.kv_cache_capacity_bytes / 2**20,
              record.peak_memory_bytes / 2**20, record.peak_memory_method, run_dir)

@@ -229,6 +229,56 @@ else:
 
 
 # %% [markdown]
+# ## Fidelity to the full cache against keep, per policy
+#
+# Each compressed run against the full-cache run of the same samples (`lineareval/benchmarks/paired.py`):
+# the fraction of tokens equal to the full cache's, PSNR and SSIM of the decoded images, the cosine of
+# their Inception features, and the FID difference from the full cache. Bars: the 95% bootstrap
+# interval over sample indices (averaged over seeds when there are several). One row per benchmark and
+# model.
+
+# %%
+FIDELITY = {"token_agreement": "token agreement with full", "psnr": "PSNR to full (dB)", "ssim": "SSIM to full",
+            "inception_cosine": "Inception cosine to full", "fid_difference": "FID - FID(full)"}
+
+
+def plot_fidelity(axis: plt.Axes, rows: pd.DataFrame, ylabel: str) -> None:
+    """One line per policy of the metric against keep, with its interval as error bars."""
+    for cache, series in rows.groupby("cache"):
+        points = series.groupby("x")[["value", "ci_low", "ci_high"]].mean().sort_index()
+        errors = [points.value - points.ci_low, points.ci_high - points.value]
+        axis.errorbar(points.index, points.value, yerr=np.abs(errors), color=color(cache), marker="o", capsize=3,
+                      label=cache)
+    if ylabel.startswith("FID -"):
+        axis.axhline(0, color=color("full"), linewidth=1)  # the full cache itself
+    keeps = rows.drop_duplicates("x").sort_values("x")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(keeps.x, keeps.keep)
+    axis.minorticks_off()
+    axis.set(xlabel="keep", ylabel=ylabel)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+
+
+# %% tags=["fidelity_vs_keep"]
+paired = None if quality is None else quality[quality.metric.isin(list(FIDELITY)) & (quality.source == "ours")]
+if paired is None or paired.empty:
+    print("NOTE: no paired metrics (runs of an image benchmark with a full-cache partner); fidelity figure skipped.")
+else:
+    paired = with_keep_fraction(paired.reindex(columns=list(dict.fromkeys([*paired.columns, "ci_low", "ci_high"]))),
+                                "fidelity")
+    panels = [(key, metric) for key, rows in paired.groupby(["benchmark", "model"])
+              for metric in FIDELITY if metric in set(rows.metric)]
+    axes = axes_grid(len(panels), min(len(FIDELITY), len(panels)), width=4.2)
+    for axis, ((benchmark, model), metric) in zip(axes, panels):
+        rows = paired[(paired.benchmark == benchmark) & (paired.model == model) & (paired.metric == metric)]
+        plot_fidelity(axis, rows, FIDELITY[metric])
+        axis.set_title(f"{benchmark}, {model}", fontsize=9)
+    finish(axes[0].figure, "Fidelity to the full cache against keep (bars: 95% bootstrap interval)",
+           "fidelity_vs_keep.png")
+
+
+# %% [markdown]
 # ## Samples: policies side by side on the same seeds
 #
 # Run folders with the same benchmark, model, weights and seed but different cache or keep generate

@@ -195,6 +195,63 @@ show_quality("coco_fid", quality)
 show_quality("dpg", quality)
 
 # %% [markdown]
+# ### Against the full cache (ours, paired on the same samples)
+#
+# Each compressed run of an image benchmark against the full-cache run of the same samples: the
+# differences run - full of FID, KID and precision, and fidelity to the full cache's samples (tokens,
+# PSNR, SSIM, Inception cosine), each with its 95% percentile bootstrap interval over sample indices in
+# brackets; `*` marks a difference whose interval excludes zero. KID is shown with its bootstrap standard
+# error. One row per run (seed).
+
+# %% tags=["paired"]
+PAIRED = ["fid_difference", "kid_difference", "precision_difference", "token_agreement", "first_difference", "psnr",
+          "ssim", "inception_cosine"]
+
+
+def with_interval(row: pd.Series) -> str:
+    difference = row.metric.endswith("_difference")
+    if pd.isna(row.get("ci_low")):
+        return f"{row.value:.3g}" + (f" +- {row.se:.2g}" if pd.notna(row.get("se")) else "")
+    mark = "*" if difference and (row.ci_low > 0 or row.ci_high < 0) else ""
+    return f"{row.value:.3g} [{row.ci_low:.3g}, {row.ci_high:.3g}]{mark}"
+
+
+def paired_table(rows: pd.DataFrame) -> pd.DataFrame:
+    rows = rows.reindex(columns=list(dict.fromkeys([*rows.columns, "ci_low", "ci_high", "se", "seed"])))
+    rows = rows[(rows.source == "ours") & rows.metric.isin(["kid", *PAIRED])]
+    rows = rows.assign(cell=rows.apply(with_interval, axis=1), policy=text(rows.policy).map(settings),
+                       seed=rows.seed.map(lambda seed: "" if pd.isna(seed) else str(int(seed))))
+    keys = ["benchmark", "model", "cache", "keep", "policy", "num_samples", "seed"]
+    table = rows.pivot_table(index=keys, columns="metric", values="cell", aggfunc="first", sort=False)
+    table = table[[metric for metric in ["kid", *PAIRED] if metric in table]].reset_index()
+    return ordered(table.assign(source="ours")).drop(columns="source").rename(columns={"cache": "method"})
+
+
+has_paired = "metric" in quality and quality.metric.isin(PAIRED).any()
+if not has_paired:
+    print("NOTE: no paired metrics in quality.csv (image benchmark runs with a full-cache partner).")
+else:
+    display(paired_table(quality))
+
+# %% [markdown]
+# ### Seeds: mean and spread per policy
+#
+# `quality_seeds.csv` (`make collect`): our quality rows averaged over seeds (a `seed=0,1,2` sweep), with the
+# standard deviation over seeds (blank for a single seed) and the number of seeds.
+
+# %% tags=["seeds"]
+seeds_path = RESULTS / "quality_seeds.csv"
+if not seeds_path.exists():
+    print(f"NOTE: {seeds_path} does not exist (run `make collect`).")
+else:
+    seeds = pd.read_csv(seeds_path, dtype={"keep": str})
+    several = seeds[seeds.seeds > 1]
+    if several.empty:
+        print("NOTE: no setting was run with more than one seed.")
+    else:
+        display(ordered(several.assign(source="ours")).drop(columns="source"))
+
+# %% [markdown]
 # ### Other benchmarks found in `quality.csv`
 
 # %% tags=["other_quality"]

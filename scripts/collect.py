@@ -3,8 +3,14 @@
     python scripts/collect.py [outputs ...] [--out results]
 
 Writes `efficiency.csv` (benchmark=efficiency rows plus the paper's efficiency table) and
-`quality.csv` (one row per metric of imagenet_fid / coco_fid / dpg runs plus the paper's reported
-numbers; `policy` holds the run's policy settings as JSON, which tells the ablation rows apart).
+`quality.csv` (one row per metric of imagenet_fid / coco_fid / dpg / demo_fid runs plus the paper's
+reported numbers; `policy` holds the run's policy settings as JSON, which tells the ablation rows apart).
+Quality rows carry the run's `seed`, and for the metrics that have them the bootstrap interval
+(`ci_low`, `ci_high`: percentile, `confidence`) or standard error (`se`, KID's): the paired metrics
+against the full-cache partner (`*_difference`, `token_agreement`, `psnr`, ...; lineareval/benchmarks/paired.py).
+`quality_seeds.csv` aggregates our rows over seeds (a `seed=0,1,2` sweep): per benchmark, model, policy,
+keep, settings, sample count, weights and metric, the mean, the standard deviation over seeds (ddof=1;
+empty for one seed), min, max and the number of seeds.
 Every row says where it came from: `source` is `ours` or `paper`, and ours carry the device, the
 weights (checkpoint or random) and the run folder. `step_latency.csv` gathers the per-step decode
 times of every efficiency run (model, cache, keep, batch_size, step, seconds, plus the same origin).
@@ -22,7 +28,11 @@ from omegaconf import OmegaConf
 from lineareval.record import load_record
 
 QUALITY_METRICS = ("fid", "fid_adm_stats", "precision", "recall", "inception_score_mean", "clip_score", "dpg_score",
-                   "dpg_entity", "dpg_attribute", "dpg_relation", "dpg_global", "dpg_other")
+                   "dpg_entity", "dpg_attribute", "dpg_relation", "dpg_global", "dpg_other", "kid")
+# Against the full-cache partner of the same samples (lineareval/benchmarks/paired.py)
+PAIRED_METRICS = ("fid_difference", "kid_difference", "precision_difference", "recall_difference", "token_agreement",
+                  "first_difference", "identical_samples", "psnr", "ssim", "inception_cosine")
+SEED_KEYS = ["benchmark", "model", "cache", "keep", "policy", "num_samples", "weights", "metric"]
 PAPER = Path(__file__).resolve().parents[1] / "results" / "paper"
 
 
@@ -35,13 +45,32 @@ def collect(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         if "rows" in record:
             efficiency += [{**row, "peak_memory_gb": row["peak_memory_bytes"] / 1e9, **origin} for row in record["rows"]]
             continue
-        quality += [{"benchmark": config.benchmark.name, "model": record["model"], "cache": record["cache"],
-                     "keep": record["keep"], "policy": json.dumps(record.get("policy"), sort_keys=True),
-                     "metric": metric, "value": record[metric], "num_samples": record["num_samples"], **origin}
-                    for metric in QUALITY_METRICS if record.get(metric) is not None]
+        quality += quality_rows(record, config.benchmark.name, origin)
     efficiency_table = pd.concat([pd.DataFrame(efficiency), pd.read_csv(PAPER / "efficiency.csv", dtype={"keep": str})])
     quality_table = pd.concat([pd.DataFrame(quality), pd.read_csv(PAPER / "quality.csv", dtype={"keep": str})])
     return efficiency_table, quality_table
+
+
+def quality_rows(record: dict, benchmark: str, origin: dict) -> list[dict]:
+    """One row per quality metric the record holds, with its interval or standard error where it has one."""
+    run = {"benchmark": benchmark, "model": record["model"], "cache": record["cache"], "keep": record["keep"],
+           "policy": json.dumps(record.get("policy"), sort_keys=True), "seed": record.get("seed"),
+           "num_samples": record["num_samples"]}
+    return [{**run, "metric": metric, "value": record[metric], "ci_low": record.get(f"{metric}_ci_low"),
+             "ci_high": record.get(f"{metric}_ci_high"), "se": record.get(f"{metric}_se"),
+             "confidence": record.get("bootstrap_confidence") if f"{metric}_ci_low" in record else None, **origin}
+            for metric in QUALITY_METRICS + PAIRED_METRICS if record.get(metric) is not None]
+
+
+def seed_spread(quality: pd.DataFrame) -> pd.DataFrame:
+    """Our quality rows aggregated over seeds: mean, standard deviation over seeds, min, max, count."""
+    ours = quality[quality.source == "ours"] if "source" in quality else quality.iloc[:0]
+    if ours.empty:
+        return pd.DataFrame(columns=[*SEED_KEYS, "mean", "std", "min", "max", "seeds"])
+    ours = ours.assign(weights=ours.weights.fillna(""), policy=ours.policy.fillna(""))
+    grouped = ours.groupby(SEED_KEYS, sort=False, dropna=False)
+    table = grouped.value.agg(["mean", "std", "min", "max"]).join(grouped.seed.nunique().rename("seeds"))
+    return table.reset_index()
 
 
 STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds", "source", "device_name", "weights",
@@ -71,6 +100,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     efficiency.to_csv(args.out / "efficiency.csv", index=False)
     quality.to_csv(args.out / "quality.csv", index=False)
+    seed_spread(quality).to_csv(args.out / "quality_seeds.csv", index=False)
     steps = collect_step_latency(args.roots)
     steps.to_csv(args.out / "step_latency.csv", index=False)
     print(f"{(efficiency.source == 'ours').sum()} efficiency rows and {(quality.source == 'ours').sum()} quality "

@@ -1,9 +1,12 @@
 """The demo's table and sample grid: `python scripts/demo_report.py outputs/demo_fid/demo`.
 
 Reads every finished run (metrics.json) under the folder for one seed, prints one row per policy
-and budget (FID, peak memory, KV cache, images/s), writes that table as `demo_table.csv`, and
-writes `demo_grid.png`: one row per policy, the same samples (same seeds, same classes) in the
-columns, under a first row of held-out real crops of the same classes.
+and budget (FID, KID with its bootstrap standard error, the paired differences from the full cache
+with their 95% intervals, fidelity to the full cache's samples, peak memory, KV cache, images/s),
+writes that table as `demo_table.csv` (numbers, intervals as `_low` / `_high` columns), and writes
+`demo_grid.png`: one row per policy, the same samples (same seeds, same classes) in the columns,
+under a first row of held-out real crops of the same classes. In the printed table a `*` marks a
+difference from the full cache whose interval excludes zero (distinguishable from full).
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ from PIL import Image, ImageDraw
 from lineareval.api import policy_names
 from lineareval.record import load_record
 
-COLUMNS = {"cache": "policy", "keep": "keep", "visual_budget": "budget", "fid": "FID",
+COLUMNS = {"cache": "policy", "keep": "keep", "visual_budget": "budget", "fid": "FID", "kid": "KID", "kid_se": "KID se",
            "peak_memory_mib": "peak memory MiB", "kv_cache_mib": "KV cache MiB", "images_per_s": "images/s"}
+# Against the full-cache run of the same samples, each with its percentile interval (`_low`, `_high`)
+INTERVALS = {"fid_difference": "FID diff", "kid_difference": "KID diff", "precision_difference": "precision diff",
+             "token_agreement": "token agreement", "first_difference": "first diff token", "psnr": "PSNR dB",
+             "ssim": "SSIM", "inception_cosine": "Inception cosine"}
 LABEL_WIDTH = 140
 
 
@@ -39,9 +46,41 @@ def table(runs: list[tuple[dict, Path]]) -> pd.DataFrame:
     frame = pd.DataFrame([record for record, _ in runs])
     frame["peak_memory_mib"] = frame["peak_memory_bytes"] / 2**20
     frame["kv_cache_mib"] = frame["kv_cache_high_water_bytes"] / 2**20
-    if "fid" not in frame:
-        frame["fid"] = np.nan
-    return frame[list(COLUMNS)].rename(columns=COLUMNS)
+    columns = dict(COLUMNS)
+    for name, label in INTERVALS.items():
+        columns.update({name: label, f"{name}_ci_low": f"{label} low", f"{name}_ci_high": f"{label} high"})
+    frame = frame.reindex(columns=list(columns)).astype({name: float for name in columns if name not in
+                                                         ("cache", "keep", "visual_budget")})
+    return frame.rename(columns=columns)
+
+
+def interval(value: float, low: float, high: float, difference: bool = False) -> str:
+    """`+3.5 [-1.2, +8.0]*` (a difference: signed, `*` when the interval excludes zero); `-` when absent."""
+    if pd.isna(value):
+        return "-"
+    sign = "+" if difference else ""
+    mark = "*" if difference and (low > 0 or high < 0) else ""
+    return f"{value:{sign}.3g} [{low:{sign}.3g}, {high:{sign}.3g}]{mark}"
+
+
+def printed(frame: pd.DataFrame) -> pd.DataFrame:
+    """The table for the terminal and the README: intervals in brackets, KID as mean +- standard error."""
+    shown = frame[["policy", "keep", "budget"]].copy()
+    shown["FID"] = frame["FID"].map(lambda value: f"{value:.3g}")
+    shown["KID +- se"] = [f"{kid:.3f} +- {se:.3f}" if pd.notna(kid) else "-" for kid, se in
+                          zip(frame["KID"], frame["KID se"])]
+    for label in INTERVALS.values():
+        shown[label] = [interval(value, low, high, label.endswith("diff")) for value, low, high in
+                        zip(frame[label], frame[f"{label} low"], frame[f"{label} high"])]
+    shown["KV cache MiB"] = frame["KV cache MiB"].map(lambda value: f"{value:.3g}")
+    shown["images/s"] = frame["images/s"].map(lambda value: f"{value:.3g}")
+    return shown
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    """A Markdown table of string cells (pandas' to_markdown needs the tabulate package)."""
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)])
 
 
 def label_row(images: np.ndarray, label: str, scale: int, pad: int = 2) -> Image.Image:
@@ -84,11 +123,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--columns", type=int, default=10, help="samples per row of the grid")
     parser.add_argument("--scale", type=int, default=3, help="pixel magnification in the grid")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as Markdown (for a README)")
     args = parser.parse_args()
     runs = finished_runs(args.root, args.seed)
     frame = table(runs)
     frame.to_csv(args.root / "demo_table.csv", index=False)
-    print(frame.to_string(index=False, float_format=lambda value: f"{value:.3g}"))
+    shown = printed(frame)
+    print(shown.to_string(index=False))
+    print("\n[95% percentile bootstrap interval over sample indices, paired with the full cache's samples]; "
+          "* = interval excludes 0\n")
+    if args.markdown:
+        print(markdown(shown))
     sample_grid(runs, args.columns, args.scale).save(args.root / "demo_grid.png")
     print(f"\ntable: {args.root / 'demo_table.csv'}\ngrid:  {args.root / 'demo_grid.png'}")
 

@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from lineareval.runner import run
 
@@ -43,3 +45,36 @@ def test_collect_puts_our_rows_beside_the_papers(make_config, tmp_path, referenc
     assert sorted(set(zip(steps.cache, steps.keep))) == [("full", "1"), ("linear", "1/4")]
     assert len(steps) == 2 * 63 and steps.weights.eq("random").all() and steps.source.eq("ours").all()
     assert set(steps.run_dir) == set(ours.run_dir) and set(steps.device_name) == set(ours.device_name)
+
+
+def load_collect():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("collect_script", ROOT / "scripts" / "collect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_collect_keeps_intervals_and_aggregates_seeds(tmp_path):
+    """Paired metrics keep their interval; a seed=0,1,2 sweep becomes mean and spread per policy."""
+    collect_script = load_collect()
+    fids = {0: 10.0, 1: 12.0, 2: 17.0}
+    for seed, fid in fids.items():
+        folder = tmp_path / "outputs" / f"seed-{seed}"
+        folder.mkdir(parents=True)
+        (folder / "config.yaml").write_text("benchmark:\n  name: demo_fid\n")
+        record = {"model": "demo", "cache": "linear", "keep": "1/4", "seed": seed, "num_samples": 400,
+                  "weights": "checkpoint", "policy": {"anchors": "line"}, "fid": fid, "kid": 0.01 * seed,
+                  "kid_se": 0.002, "fid_difference": fid - 9, "fid_difference_ci_low": fid - 11,
+                  "fid_difference_ci_high": fid - 7, "bootstrap_confidence": 0.95, "psnr": float("inf")}
+        (folder / "metrics.json").write_text(json.dumps(record))
+    _, quality = collect_script.collect([tmp_path / "outputs"])
+    ours = quality[quality.source == "ours"]
+    difference = ours[(ours.metric == "fid_difference") & (ours.seed == 1)].iloc[0]
+    assert (difference.value, difference.ci_low, difference.ci_high, difference.confidence) == (3.0, 1.0, 5.0, 0.95)
+    assert ours[(ours.metric == "kid") & (ours.seed == 2)].se.iloc[0] == 0.002
+    spread = collect_script.seed_spread(quality).set_index("metric")
+    assert spread.loc["fid", "seeds"] == 3 and spread.loc["fid", "mean"] == 13.0
+    assert spread.loc["fid", "std"] == pytest.approx(np.std(list(fids.values()), ddof=1), rel=1e-12)
+    assert spread.loc["psnr", "mean"] == np.inf and len(spread) == 4  # fid, kid, fid_difference, psnr

@@ -193,6 +193,11 @@ def test_demo_benchmark_records_fid_and_the_report_compares_policies(make_config
     frame = report.table(runs)
     assert frame["policy"].tolist() == ["full", "linear"] and frame["budget"].tolist() == [256, 64]
     assert frame["FID"].tolist() == [record["fid"] for record in records]
+    assert np.isnan(frame["FID diff"][0]) and frame["FID diff"][1] == records[1]["fid_difference"]  # full: none
+    assert frame["token agreement low"][1] <= frame["token agreement"][1] <= frame["token agreement high"][1]
+    shown = report.printed(frame)
+    assert shown["FID diff"][0] == "-" and shown["FID diff"][1].startswith("+" if records[1]["fid_difference"] > 0
+                                                                            else "-")
     grid = report.sample_grid(runs, columns=5, scale=2)
     assert grid.size == (report.LABEL_WIDTH + 5 * (64 + 2), 3 * (64 + 2))  # real row + one row per run
 

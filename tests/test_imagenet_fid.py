@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -64,3 +65,23 @@ def test_missing_or_mismatched_reference_stops_before_generating(make_config, tm
     with pytest.raises(ValueError, match="32"):
         run(wrong)
     assert not (Path(wrong.run_dir) / "tokens.npz").exists()
+
+
+def test_a_compressed_run_is_paired_with_the_full_run_and_features_are_extracted_once(make_config, reference):
+    """The same paired piece as the demo's: FID difference consistent with both records, one extraction per run."""
+    TinyExtractor.calls = 0
+    full = run(make_config(*TINY_RUN, f"benchmark.reference={reference}", "cache=full", "keep=1"))
+    calls_full = TinyExtractor.calls
+    window = run(make_config(*TINY_RUN, f"benchmark.reference={reference}", "cache=window", "keep=1/2",
+                             "paired.replicates=50"))
+    # full: the reference's batch and its samples' batch; window: its samples' only (the rest is cached)
+    assert (calls_full, TinyExtractor.calls - calls_full) == (2, 1)
+    assert window["partner_run_dir"] is not None and window["partner_reason"] is None
+    # the record's FID (scipy's sqrtm) and the bootstrap's (n <= D: its Gram route) differ by rounding, dominated
+    # by the square root of eigenvalues that are zero in exact arithmetic: sqrt(n * eps * FID) each
+    rounding = 4 * math.sqrt(6 * np.finfo(float).eps * max(window["fid"], full["fid"]))
+    assert window["fid_difference"] == pytest.approx(window["fid"] - full["fid"], rel=0, abs=rounding)
+    assert window["token_agreement"] < 1 and window["kid"] is not None and full["kid_se"] > 0
+    assert window["fid_difference_ci_low"] <= window["fid_difference"] <= window["fid_difference_ci_high"]
+    cached = np.load(Path(window["partner_run_dir"]) / "features-tiny-imagenet.npz")
+    assert cached["layer_pool"].shape == (6, 16) and cached["layer_logits"].shape == (6, 10)

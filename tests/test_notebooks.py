@@ -52,6 +52,16 @@ QUALITY = [  # benchmark, model, cache, keep, run, {metric: value}, samples[, po
 ]
 
 
+PAIRED = [  # demo_fid runs against their full-cache partner: cache, keep, {metric: (value, ci_low, ci_high)}
+    ("linear", "1/4", {"token_agreement": (0.61, 0.58, 0.64), "psnr": (19.2, 18.7, 19.8), "ssim": (0.63, 0.6, 0.66),
+                       "inception_cosine": (0.84, 0.82, 0.86), "fid_difference": (1.5, -2.0, 5.0)}),
+    ("linear", "1/8", {"token_agreement": (0.45, 0.42, 0.48), "psnr": (16.1, 15.6, 16.6), "ssim": (0.5, 0.47, 0.53),
+                       "inception_cosine": (0.77, 0.75, 0.79), "fid_difference": (9.25, 4.5, 14.0)}),
+    ("window", "1/4", {"token_agreement": (0.4, 0.37, 0.43), "psnr": (15.0, 14.5, 15.5), "ssim": (0.4, 0.37, 0.43),
+                       "inception_cosine": (0.7, 0.68, 0.72), "fid_difference": (21.0, 15.0, 27.0)}),
+]
+
+
 def budget(keep: str) -> int:
     numerator, _, denominator = keep.partition("/")
     return N * int(numerator) // int(denominator or 1)
@@ -93,6 +103,14 @@ def quality_rows() -> pd.DataFrame:
                   "policy": json.dumps(settings, sort_keys=True), "metric": metric, "value": value,
                   "num_samples": samples, "source": "ours", "device_name": DEVICE, "weights": "checkpoint",
                   "run_dir": f"outputs/{benchmark}/{model}/{cache}/{keep}/{run}"} for metric, value in metrics.items()]
+    for cache, keep, metrics in PAIRED:
+        rows += [{"benchmark": "demo_fid", "model": "demo", "cache": cache, "keep": keep, "policy": "{}", "seed": 0,
+                  "metric": metric, "value": value, "ci_low": low, "ci_high": high, "confidence": 0.95,
+                  "num_samples": 400, "source": "ours", "device_name": DEVICE, "weights": "checkpoint",
+                  "run_dir": f"outputs/demo_fid/demo/{cache}/{keep}"} for metric, (value, low, high) in metrics.items()]
+    rows.append({"benchmark": "demo_fid", "model": "demo", "cache": "full", "keep": "1", "policy": "{}", "seed": 0,
+                 "metric": "kid", "value": 0.0123, "se": 0.0021, "num_samples": 400, "source": "ours",
+                 "device_name": DEVICE, "weights": "checkpoint", "run_dir": "outputs/demo_fid/demo/full/1"})
     return pd.DataFrame(rows)
 
 
@@ -131,6 +149,10 @@ def build_results(root: Path, runs: bool) -> dict[str, Path]:
             paper = pd.read_csv(PAPER / f"{name}.csv", dtype={"keep": str})
             pd.concat([ours, paper]).to_csv(results / f"{name}.csv", index=False)
         step_latency_rows().to_csv(results / "step_latency.csv", index=False)
+        pd.DataFrame([{"benchmark": "imagenet_fid", "model": "llamagen_xl", "cache": "linear", "keep": "1/6",
+                       "policy": json.dumps(LINEAR, sort_keys=True), "num_samples": 50000, "weights": "checkpoint",
+                       "metric": "fid", "mean": 2.71, "std": 0.0141, "min": 2.70, "max": 2.72, "seeds": 2}]
+                     ).to_csv(results / "quality_seeds.csv", index=False)
         for (cache, keep, seed), color in SAMPLE_COLORS.items():
             write_run_folder(outputs, cache, keep, seed, color)
     return {"LINEAREVAL_RESULTS": results, "LINEAREVAL_OUTPUTS": outputs, "LINEAREVAL_FIGURES": root / "figures"}
@@ -235,6 +257,18 @@ def test_quality_tables_average_ours_and_keep_the_papers(with_runs):
     assert "no dpg rows of the paper's" in dpg and has_numbers(table_lines(dpg, "linear", "1/8", "ours")[0], 0.8034)
 
 
+def test_paired_table_shows_intervals_and_marks_differences_from_full(with_runs):
+    text = cell_text(with_runs["tables"], "paired")
+    (linear_8,) = table_lines(text, "linear", "1/8", "demo_fid")
+    assert "[4.5," in linear_8 and "14]*" in linear_8  # FID difference 9.25 [4.5, 14]: excludes 0
+    (linear_4,) = table_lines(text, "linear", "1/4", "demo_fid")
+    assert "[-2," in linear_4 and "5]" in linear_4 and "5]*" not in linear_4  # covers 0: not marked
+    (full,) = table_lines(text, "full", "demo_fid")
+    assert "+-" in full and "0.0123" in full
+    seeds = cell_text(with_runs["tables"], "seeds")
+    assert has_numbers(table_lines(seeds, "linear", "1/6")[0], 2.71, 0.0141, 2)
+
+
 def test_tables_show_the_papers_rows_alone_before_any_run(paper_only):
     text = cell_text(paper_only["tables"], "efficiency")
     assert "no runs collected yet" in text and not table_lines(text, "ours")
@@ -247,7 +281,8 @@ def test_figures_from_fixture_results(with_runs):
     figures = with_runs["paths"]["LINEAREVAL_FIGURES"]
     grid = "samples_samples_llamagen_tiny_random_seed-0.png"  # seed 1 has one policy only: no grid
     assert sorted(path.name for path in figures.iterdir()) == sorted(
-        ["memory_latency_vs_keep.png", "memory_latency_vs_batch.png", "fid_vs_keep.png", grid, "step_latency.png"])
+        ["memory_latency_vs_keep.png", "memory_latency_vs_batch.png", "fid_vs_keep.png", grid, "step_latency.png",
+         "fidelity_vs_keep.png"])
     for path in figures.iterdir():
         assert_real_png(path)
     colors = {name: tuple(round(255 * channel) for channel in to_rgb(color))
@@ -256,6 +291,8 @@ def test_figures_from_fixture_results(with_runs):
         for policy in ("linear", "window"):  # both are drawn, each in its own colour
             assert len(pixels_near(figures / name, colors[policy])) > 30, (name, policy)
     assert len(pixels_near(figures / "memory_latency_vs_keep.png", colors["streamingllm"])) > 30
+    for policy in ("linear", "window"):  # the fidelity figure draws both policies
+        assert len(pixels_near(figures / "fidelity_vs_keep.png", colors[policy])) > 30, policy
     rows = {color: pixels_near(figures / grid, color, tolerance=0)[:, 0] for color in SAMPLE_COLORS.values()}
     assert all(len(rows[color]) > 2000 for color in list(SAMPLE_COLORS.values())[:3])
     assert len(rows[SAMPLE_COLORS["linear", "1/4", 1]]) == 0  # another seed never joins the seed-0 grid
@@ -271,7 +308,7 @@ def test_figures_skip_absent_data_with_a_note(paper_only):
     assert sorted(path.name for path in figures.iterdir()) == ["fid_vs_keep.png", "memory_latency_vs_keep.png"]
     notebook = paper_only["figures"]
     assert "paper's numbers only" in cell_text(notebook, "efficiency_vs_keep")
-    for tag in ("efficiency_vs_batch", "samples", "step_latency"):
+    for tag in ("efficiency_vs_batch", "samples", "step_latency", "fidelity_vs_keep"):
         assert "NOTE" in cell_text(notebook, tag) and "saved" not in cell_text(notebook, tag), tag
 
 

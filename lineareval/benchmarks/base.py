@@ -12,10 +12,13 @@ class Benchmark:
     `suite`: the benchmark runs several policies itself in one process (`run_suite`; efficiency);
     `scores_external_images`: with its current settings it scores images made elsewhere, so
     `stage=evaluate` needs no generation; `resolution`: generated images are resized to it before
-    they are stored (None: as generated).
+    they are stored (None: as generated); `pairs_images`: it scores images with Inception features,
+    so the runner adds KID and the paired metrics against the full-cache partner (`evaluate_paired`,
+    lineareval/benchmarks/paired.py).
     """
 
     suite: ClassVar[bool] = False
+    pairs_images: ClassVar[bool] = False
     scores_external_images: bool = False
     resolution: int | None = None
 
@@ -27,3 +30,6 @@ class Benchmark:
 
     def evaluate(self, run_dir: Path, device="cpu") -> dict:
         return {}
+
+    def evaluate_paired(self, run_dir: Path, request, device="cpu") -> dict:
+        raise NotImplementedError(f"{type(self).__name__} does not pair images (pairs_images is False)")

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lineareval.benchmarks.base import Benchmark
+from lineareval.benchmarks.paired import PairedImageMetrics
 from lineareval.benchmarks.samples import SampleSet, text_samples
 from lineareval.record import write_npz_atomic
 
@@ -38,7 +39,7 @@ def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
 
 
 @dataclass
-class CocoFID(Benchmark):
+class CocoFID(PairedImageMetrics, Benchmark):
     """`annotations`: captions_val2014.json (or 2017); `images_dir`: the matching image folder."""
 
     annotations: str
@@ -108,9 +109,20 @@ class CocoFID(Benchmark):
         images = np.load(samples)["arr_0"]
         metrics = compute_metrics(samples, self.reference(chosen[: len(images)]), self.extractor,
                                   num_samples=len(images), cache_dir=self.cache_dir, batch_size=self.batch_size,
-                                  device=device, weights_path=self.extractor_weights)
+                                  device=device, weights_path=self.extractor_weights,
+                                  sample_layers=self.run_feature_layers(Path(run_dir), device))
         model, preprocess = load_clip(self.clip_model, device)
         captions = [row["caption"] for row in chosen[: len(images)]]
         result = {key: metrics[key] for key in ("fid", "precision", "recall", "feature_extractor", "num_reference")}
         result["clip_score"] = clip_score(images, captions, model, preprocess, self.batch_size, device)
         return result
+
+    def reference_statistics_for(self, run_dir: Path, device="cpu"):
+        """The reference statistics of the COCO images of the run's captions (the first n of the selection)."""
+        from lineareval.metrics.fid import reference_statistics
+        from lineareval.metrics.features import image_source
+
+        count = len(image_source(Path(run_dir) / "samples.npz"))
+        return reference_statistics(self.reference(self.selection()[:count]), self.extractor, self.cache_dir,
+                                    batch_size=self.batch_size, device=device, weights_path=self.extractor_weights,
+                                    progress=False)

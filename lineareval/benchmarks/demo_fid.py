@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lineareval.benchmarks.base import Benchmark
+from lineareval.benchmarks.paired import PairedImageMetrics
 from lineareval.benchmarks.samples import SampleSet
 from lineareval.record import write_npz_atomic
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class DemoFID(Benchmark):
+class DemoFID(PairedImageMetrics, Benchmark):
     """`reference_count` held-out crops (drawn with `reference_seed`) scored with `extractor`."""
 
     reference_count: int = 200
@@ -62,20 +63,22 @@ class DemoFID(Benchmark):
             log.info("built %d held-out reference crops at %s", len(images), path)
         return path
 
-    def evaluate(self, run_dir: Path, device: torch.device | str = "cpu") -> dict:
-        from lineareval.metrics.features import build_extractor, extract_feature_layers, get_extractor_spec
-        from lineareval.metrics.fid import check_adm_npz, precision_recall, reference_statistics
+    def reference_statistics_for(self, run_dir: Path, device: torch.device | str = "cpu"):
+        """Statistics of the held-out crops at the run's image size (cached under `cache_dir`)."""
+        from lineareval.metrics.fid import check_adm_npz, reference_statistics
 
         samples = Path(run_dir) / "samples.npz"
         if not samples.is_file():
             raise FileNotFoundError(f"{samples} does not exist: benchmark=demo_fid needs decode_images=true")
         image_size = int(check_adm_npz(samples).shape[1])
-        pool_layer = get_extractor_spec(self.extractor).pool_layer
-        network = build_extractor(self.extractor, device)
-        reference = reference_statistics(self.reference(image_size), self.extractor, self.cache_dir,
-                                         batch_size=self.batch_size, device=device, feature_extractor=network,
-                                         progress=False)
-        features = extract_feature_layers(samples, network, self.batch_size, device, progress=False)[pool_layer]
+        return reference_statistics(self.reference(image_size), self.extractor, self.cache_dir,
+                                    batch_size=self.batch_size, device=device, progress=False)
+
+    def evaluate(self, run_dir: Path, device: torch.device | str = "cpu") -> dict:
+        from lineareval.metrics.fid import precision_recall
+
+        reference = self.reference_statistics_for(run_dir, device)
+        features = self.pool_features(Path(run_dir), device)  # extracted once, cached in the run folder
         precision, recall = precision_recall(features, reference.features, device=device)
         return {"fid": frechet_distance_low_rank(features, reference.mu, reference.sigma), "precision": precision,
                 "recall": recall, "num_reference": len(reference.features), "feature_extractor": self.extractor}

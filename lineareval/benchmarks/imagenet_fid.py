@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lineareval.benchmarks.base import Benchmark
+from lineareval.benchmarks.paired import PairedImageMetrics
 from lineareval.benchmarks.samples import SampleSet
 from lineareval.sampling import class_labels
 
@@ -30,7 +31,7 @@ RECORDED = ("fid", "fid_adm_stats", "sfid", "sfid_reason", "inception_score_mean
 
 
 @dataclass
-class ImageNetFID(Benchmark):
+class ImageNetFID(PairedImageMetrics, Benchmark):
     """`reference`: path of VIRTUAL_imagenet256_labeled.npz; `extractor`: a name from lineareval.metrics."""
 
     reference: str
@@ -64,7 +65,14 @@ class ImageNetFID(Benchmark):
 
         samples = Path(run_dir) / "samples.npz"
         count = len(np.load(samples, mmap_mode="r")["arr_0"]) if samples.exists() else 0
+        layers = self.run_feature_layers(Path(run_dir), device) if count else None  # cached for the paired metrics
         metrics = compute_metrics(samples, self.reference, self.extractor, num_samples=count or None,
                                   cache_dir=self.cache_dir, batch_size=self.batch_size, device=device,
-                                  weights_path=self.extractor_weights)
+                                  weights_path=self.extractor_weights, sample_layers=layers)
         return {key: metrics[key] for key in RECORDED if key in metrics}
+
+    def reference_statistics_for(self, run_dir: Path, device: torch.device | str = "cpu"):
+        from lineareval.metrics.fid import reference_statistics
+
+        return reference_statistics(self.reference, self.extractor, self.cache_dir, batch_size=self.batch_size,
+                                    device=device, weights_path=self.extractor_weights, progress=False)

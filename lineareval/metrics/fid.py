@@ -248,7 +248,7 @@ def compute_metrics(samples: str | Path | np.ndarray, reference: str | Path, ext
                     num_samples: int | None = None, cache_dir: str | Path | None = None, batch_size: int = 64,
                     device: str | torch.device = "cpu", weights_path: str | Path | None = None,
                     prc_neighborhood: int = 3, isc_split_size: int = ADM_SPLIT_SIZE,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, sample_layers: dict[str, np.ndarray] | None = None) -> dict:
     """FID, IS, precision, recall (and sFID) of ADM-layout samples against an ADM reference batch.
 
     ``samples``: an ``.npz`` path or uint8 (N, H, W, 3) array; the first ``num_samples`` are scored
@@ -257,6 +257,8 @@ def compute_metrics(samples: str | Path | np.ndarray, reference: str | Path, ext
     ``fid``, ``fid_adm_stats``, ``sfid`` + ``sfid_reason``, ``inception_score_mean`` / ``_std`` +
     ``inception_score_reason`` (a reason is None when the value was computed), ``precision``, ``recall``,
     ``num_samples``, ``num_reference``, ``feature_extractor``, ``reference_sha256``.
+    ``sample_layers``: the samples' features, already extracted ({layer: (N, D)}, e.g. a run folder's
+    cache, lineareval/metrics/run_features.py), used instead of extracting them again.
     """
     source = image_source(samples)
     name = str(samples) if not isinstance(samples, np.ndarray) else "samples array"
@@ -278,11 +280,14 @@ def compute_metrics(samples: str | Path | np.ndarray, reference: str | Path, ext
         raise ImageLayoutError(f"reference batch does not match the samples ({source.shape[1]}x"
                                f"{source.shape[2]} images): {error}") from error
     spec = get_extractor_spec(extractor)
-    network = build_extractor(extractor, device, weights_path)
+    network = None if sample_layers is not None else build_extractor(extractor, device, weights_path)
     ref = reference_statistics(reference, extractor, cache_dir, batch_size=batch_size, device=device,
-                               feature_extractor=network, progress=progress)
-    layers = extract_feature_layers(source, network, batch_size, device, limit=num_samples, progress=progress,
-                                    desc="samples")
+                               weights_path=weights_path, feature_extractor=network, progress=progress)
+    if sample_layers is None:
+        layers = extract_feature_layers(source, network, batch_size, device, limit=num_samples, progress=progress,
+                                        desc="samples")
+    else:
+        layers = {layer: np.asarray(sample_layers[layer])[:num_samples] for layer in spec.layers}
     mu, sigma = feature_statistics(layers[spec.pool_layer])
     record = {"fid": frechet_distance(mu, sigma, ref.mu, ref.sigma)}
     stored = stored_reference_statistics(reference) if spec.adm_pool3 else None
