@@ -147,24 +147,26 @@ def test_policy_equals_full_cache_with_evicted_tokens_masked(setup, policy_facto
 def test_invariants(setup, policy_factory, name, keep):
     model, labels, tokens = setup
     layout = model.layout
-    prefix, n = layout.prefix_len, layout.line_len
+    prefix = layout.prefix_len
     budget = parse_keep(keep).budget(layout.num_visual)
     policy = policy_factory(name)
     trace = run_policy(model, policy, budget, labels, tokens)
     assert max(max(step) for step in trace.occupancy) <= trace.capacity
     assert trace.capacity == prefix + min(layout.num_visual, budget + policy.slack(layout))
+    period = policy.eviction_period(layout)  # 1: every step, n: line ends, None: never
     for step, (during, after) in enumerate(zip(trace.visible, trace.after)):
         for layer_during, layer_after in zip(during, after):
             visual = layer_after[..., prefix:].sum(-1)
             assert layer_after[..., :prefix].all(), "prefix evicted"
-            assert (visual <= budget + (n - 1 if policy.evicts_at is EvictAt.LINE_END else 0)).all()
             assert (visual == visual.flatten()[0]).all(), "budgets are uniform over sequences and heads"
-            if policy.evicts_at is EvictAt.LINE_END and not layout.is_line_end(step):
-                assert torch.equal(layer_during, layer_after), "evicted away from a line end"
-            if policy.evicts_at is EvictAt.LINE_END and layout.is_line_end(step):
+            if period is None:
+                assert (visual == step + 1).all()
+                continue
+            assert (visual <= budget + period - 1).all()
+            if policy.is_scoring_point(layout, step):
                 assert (visual == min(budget, step + 1)).all()
-            if policy.evicts_at is EvictAt.STEP:
-                assert (visual == min(budget, step + 1)).all()
+            else:
+                assert torch.equal(layer_during, layer_after), "evicted away from a scoring point"
     check_policy_specifics(policy, trace, layout, budget)
 
 
@@ -209,6 +211,7 @@ def test_evicts_the_lowest_scores(setup, policy_factory, name):
         highest_evicted = candidates.masked_fill(~evicted, float("-inf")).amax(-1)
         lowest_kept = candidates.masked_fill(~kept, float("inf")).amin(-1)
         assert (highest_evicted <= lowest_kept).all()
+        assert not torch.isinf(event["scores"][evicted]).any(), "a slot the policy protected (+inf) was evicted"
         assert torch.isinf(candidates.masked_fill(~evicted, float("inf"))).logical_not().any(-1).all(), \
             "every eviction removed at least one unprotected slot"
 

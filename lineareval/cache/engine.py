@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lineareval.cache.policy import CachePolicy, CacheView, EvictAt, EvictionContext, TokenLayout
+from lineareval.cache.policy import CachePolicy, CacheView, EvictionContext, TokenLayout
 from lineareval.memory import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,17 @@ def lowest_scores(keep_scores: torch.Tensor, positions: torch.Tensor, valid: tor
         protected |= torch.arange(protected.shape[-1], device=protected.device) >= kept_from
     scores = keep_scores.float().masked_fill(protected, float("inf"))
     return scores.topk(count, dim=-1, largest=False).indices
+
+
+def lowest_mask(keep_scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, prefix_len: int,
+                counts: int | np.ndarray) -> torch.Tensor:
+    """(S, H, W) mask of the `counts` lowest keep-scores per row (an int, or (S,) per sequence), never a free
+    or prefix slot (`lowest_scores`, with new tokens eligible)."""
+    most = int(np.max(counts))
+    victims = lowest_scores(keep_scores, positions, valid, prefix_len, most)  # (S, H, most)
+    chosen = torch.arange(most, device=victims.device) < torch.as_tensor(
+        np.asarray(counts), device=victims.device).reshape(-1, 1, 1)
+    return torch.zeros_like(valid).scatter_(-1, victims, chosen.expand_as(victims))
 
 
 class LayerKV:
@@ -307,6 +318,39 @@ class LayerKV:
         self.valid.masked_fill_(freed, False)
         self.positions.masked_fill_(freed, -1)
 
+    def compact(self, evicted: torch.Tensor, target: int | np.ndarray) -> None:
+        """Free the slots marked in `evicted` (S, H, W), then move every surviving token at or above `target` (an
+        int, or (S,) per sequence) into the free slots below it, lowest first. Afterwards all occupied slots lie
+        below the target. Unlike `evict`, victims may be anywhere, tokens written since the previous scoring
+        point included, and each (sequence, head) may free its own number of slots."""
+        width, capacity, prefix = evicted.shape[-1], self.keys.shape[2], self.layout.prefix_len
+        self.valid[:, :, :width] &= ~evicted
+        self.positions[:, :, :width].masked_fill_(evicted, -1)
+        span = width - int(np.min(target))  # the most tokens that can sit at or above their sequence's target
+        if span <= 0:
+            return
+        device = evicted.device
+        first = torch.as_tensor(np.asarray(target), device=device).reshape(-1, 1, 1)  # (S or 1, 1, 1)
+        above = first + torch.arange(span, device=device)  # slots at and above each target; past W: none
+        sources = above.clamp(max=capacity - 1).expand(*evicted.shape[:2], span)  # (S, H, span)
+        movers = self.valid.gather(2, sources) & (above < width)
+        slot = torch.arange(width, device=device)
+        free = ~self.valid[:, :, :width] & (slot >= prefix) & (slot < first)  # never a (padding) prefix slot
+        holes = torch.where(free, slot, width + slot).topk(span, dim=-1, largest=False).values  # lowest first
+        rank = (movers.cumsum(dim=-1) - 1).clamp(min=0)  # the k-th mover takes the k-th hole
+        targets = torch.where(movers, holes.gather(2, rank), sources)  # non-movers copy a slot onto itself
+        dim = self.keys.shape[-1]
+        for store in (self.keys, self.values):
+            store.scatter_(2, targets[..., None].expand(-1, -1, -1, dim),
+                           store.gather(2, sources[..., None].expand(-1, -1, -1, dim)))
+        for store in (self.positions, self.valid):
+            store.scatter_(2, targets, store.gather(2, sources))
+        moved_away = slot >= first  # every survivor up there now has a slot below the target
+        self.valid[:, :, :width].masked_fill_(moved_away, False)
+        self.positions[:, :, :width].masked_fill_(moved_away, -1)
+        for signal in self.signals.values():
+            signal.moved(self, sources, targets, movers)
+
     def release(self, slots: torch.Tensor) -> None:
         """Free the same slots (k,) in every sequence and head (eviction by position)."""
         self.valid.index_fill_(2, slots, False)
@@ -383,9 +427,7 @@ class KVCache:
     def end_step(self) -> None:
         """Evict down to the budget if the policy's schedule says so; called once all layers ran."""
         state, policy = self.state, self.policy
-        scoring_point = {EvictAt.STEP: True, EvictAt.NEVER: False,
-                         EvictAt.LINE_END: self.layout.is_line_end(state.visual_index)}[policy.evicts_at]
-        if not scoring_point:
+        if not policy.is_scoring_point(self.layout, state.visual_index):
             return
         excess = state.visual_count - self.budget
         context = EvictionContext(self.layout, self.budget, state.visual_index)
@@ -397,7 +439,10 @@ class KVCache:
             for layer in self.layers:
                 view = layer.view()
                 policy.observe(view, context)
-                if excess > 0:
+                if excess > 0 and policy.evicts_new_tokens:
+                    layer.compact(lowest_mask(policy.score(view, context), view.positions, view.valid,
+                                              self.layout.prefix_len, excess), state.occupancy - excess)
+                elif excess > 0:
                     layer.evict(policy.score(view, context), excess)
                 layer.end_step()  # drop this layer's line probabilities before the next layer computes its own
             self.step.line_mask = None  # valid for this line end only
@@ -501,8 +546,7 @@ class KVCache:
         for layer in self.layers:
             for signal in layer.signals.values():
                 signal.committed(layer, order, rows_tensor)
-        at_point = {EvictAt.STEP: rows, EvictAt.NEVER: np.zeros_like(rows),
-                    EvictAt.LINE_END: rows & ((visual + 1) % layout.line_len == 0)}[policy.evicts_at]
+        at_point = rows & policy.is_scoring_point(layout, visual)
         if not at_point.any():
             return
         excess = np.where(at_point, np.maximum(state.row_visual - self.budget, 0), 0)
@@ -513,7 +557,10 @@ class KVCache:
         for layer in self.layers:
             view = layer.view()
             policy.observe(view, context)
-            if excess.any():
+            if excess.any() and policy.evicts_new_tokens:
+                layer.compact(lowest_mask(policy.score(view, context), view.positions, view.valid, layout.prefix_len,
+                                          excess), state.row_occupancy - excess)
+            elif excess.any():
                 layer.evict_rows(policy.score(view, context), counts, occupancy)
             layer.end_step()
         state.row_visual = state.row_visual - excess
