@@ -70,14 +70,19 @@ def policy_colors() -> dict[str, str]:
     return {BASELINE: "black", **{name: f"C{index % 10}" for index, name in enumerate(others)}}
 
 
-def policy_config(cfg: DictConfig, name: str) -> DictConfig:
-    """`conf/cache/<name>.yaml` composed by Hydra into a copy of the run's config `cfg`, so its
-    interpolations (`${seed}`, `${model...}`) resolve against the run as they would with `cache=<name>`."""
-    node = compose_config(f"cache={name}").cache
+def group_config(cfg: DictConfig, group: str, name: str) -> DictConfig:
+    """`conf/<group>/<name>.yaml` composed by Hydra into a copy of the run's config `cfg`, so its
+    interpolations (`${seed}`, `${model...}`) resolve against the run as they would with `<group>=<name>`."""
+    node = compose_config(f"{group}={name}")[group]
     run = copy.deepcopy(cfg)
     OmegaConf.set_struct(run, False)
-    run.cache = node
-    return run.cache
+    run[group] = node
+    return run[group]
+
+
+def policy_config(cfg: DictConfig, name: str) -> DictConfig:
+    """`group_config(cfg, "cache", name)`: a policy's config as `cache=<name>` would compose it in this run."""
+    return group_config(cfg, "cache", name)
 
 
 def build_policy(cache_cfg: DictConfig) -> CachePolicy:
@@ -85,13 +90,20 @@ def build_policy(cache_cfg: DictConfig) -> CachePolicy:
     return call_target(cache_cfg, exclude=("name",))
 
 
+def build_decoding(decoding_cfg: DictConfig):
+    """Instantiate `conf/decoding/<name>.yaml`: sequential, or a speculative method."""
+    return call_target(decoding_cfg)
+
+
 def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
-    """The model of `conf/model/<name>.yaml` (a `Generator`), with the run's sampling, weights and compile choices."""
+    """The model of `conf/model/<name>.yaml` (a `Generator`), with the run's sampling, weights, decoding method
+    and compile choices."""
     if device.type == "cpu":
         keep_freed_heap()  # decode steps' large temporaries reuse heap pages instead of faulting fresh ones
     return call_target(cfg.model, sampling=OmegaConf.to_container(cfg.sampling, resolve=True), weights=cfg.weights,
                        weights_dir=cfg.weights_dir, download=cfg.download, device=device, dtype=dtype, seed=cfg.seed,
-                       compile=cfg.compile, compile_backend=cfg.compile_backend)
+                       compile=cfg.compile, compile_backend=cfg.compile_backend,
+                       decoding=build_decoding(cfg.decoding))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -100,8 +112,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 def timed_generation(generator, policy: CachePolicy, budget: int, conditions, sample_ids: torch.Tensor,
-                     seed: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Generate one batch (fresh caches); returns tokens (B, N) and its cost.
+                     seed: int, device: torch.device, method=None) -> tuple[torch.Tensor, dict]:
+    """Generate one batch (fresh caches) with the generator's decoding method (or `method`); returns tokens
+    (B, N) and its cost, with the method's statistics (forward passes per image, tokens per pass).
 
     `conditions` are what the generator takes: class labels (B,) or prompts. Peak memory covers the
     cache allocation and the whole generation: the CUDA allocator's peak
@@ -112,10 +125,11 @@ def timed_generation(generator, policy: CachePolicy, budget: int, conditions, sa
     with PeakMemory(device) as memory:
         _synchronize(device)
         began = time.perf_counter()
-        generation = generator.generate(conditions, sample_ids, policy, budget, seed)
+        generation = generator.generate(conditions, sample_ids, policy, budget, seed, method=method)
         _synchronize(device)
         seconds = time.perf_counter() - began
-    return generation.tokens, {"generation_s": seconds, "kv_cache_capacity_bytes": generation.capacity_bytes(),
+    return generation.tokens, {**generation.stats, "generation_s": seconds,
+                               "kv_cache_capacity_bytes": generation.capacity_bytes(),
                                "prefix_len": max(cache.layout.prefix_len for cache in generation.caches),
                                "kv_cache_high_water_bytes": generation.high_water_bytes(),
                                "peak_memory_bytes": memory.peak_bytes if device.type == "cuda"

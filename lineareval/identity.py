@@ -198,16 +198,19 @@ def _is_fingerprint(value: Any) -> bool:
 def run_key(*, _root_: DictConfig) -> str:
     """Last component of the default run_dir: readable knobs plus a hash of the whole config identity.
 
-    `n-<num_samples>_cfg-<cfg_scale>_<hash>`: two configurations that sample differently never share a
-    folder; the same configuration spelled differently (paths, device, batch_size) does. A CPU and a GPU
-    run of one configuration with `dtype=auto` share it too; the identity check tells them apart.
+    `n-<num_samples>_cfg-<cfg_scale>_<decoding>_<hash>`: two configurations that sample differently never
+    share a folder; the same configuration spelled differently (paths, device, batch_size) does. A CPU and a
+    GPU run of one configuration with `dtype=auto` share it too; the identity check tells them apart.
     """
     from lineareval.config import path_safe
 
     identity = config_identity(_root_, for_folder=True)
     sampling = identity.get("sampling") or {}
     cfg_scale = sampling.get("cfg_scale", "none") if isinstance(sampling, Mapping) else "none"
-    return f"n-{path_safe(identity.get('num_samples'))}_cfg-{path_safe(cfg_scale)}_{digest(identity, HASH_CHARS)}"
+    decoding = identity.get("decoding") or {}
+    name = decoding.get("name", "sequential") if isinstance(decoding, Mapping) else "sequential"
+    return (f"n-{path_safe(identity.get('num_samples'))}_cfg-{path_safe(cfg_scale)}_{path_safe(name)}_"
+            f"{digest(identity, HASH_CHARS)}")
 
 
 def register_resolvers() -> None:

@@ -206,9 +206,11 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
         model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budget,
         batch_size=cfg.batch_size, num_samples=len(samples), seed=cfg.seed, weights=cfg.weights,
         weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
-        tokens_per_s=len(samples) * layout.num_visual / cost["generation_time_s"], **cost,
-        **environment_info(device), extra={"policy": policy.describe(), "evaluated": False,
-                                           "world_size": ranks.world_size, "run_fingerprint": fingerprint})
+        tokens_per_s=len(samples) * layout.num_visual / cost["generation_time_s"],
+        **{key: value for key, value in cost.items() if key != "decoding_stats"}, **environment_info(device),
+        extra={"policy": policy.describe(), "decoding": generator.decoder.method.describe(),
+               "distribution_preserving": generator.decoder.method.distribution_preserving, **cost["decoding_stats"],
+               "evaluated": False, "world_size": ranks.world_size, "run_fingerprint": fingerprint})
     save_record(record, run_dir)  # generation is safe on disk before any scoring starts
     shutil.rmtree(folder)  # merged into tokens.npz / samples.npz (a kill before this: the next run removes it)
     if cfg.stage == "all":
@@ -256,5 +258,8 @@ def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fi
     total_time = sum(cost["generation_s"] for cost in costs)
     worst = {key: max(cost[key] for cost in costs)
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
+    sizes = [shard.size for shard in plan]
+    passes = {key: sum(cost.get(key, 0.0) * size for cost, size in zip(costs, sizes)) / len(samples)
+              for key in ("decode_passes_per_image", "tokens_per_pass")}  # means over images (old shards: 0)
     return {"peak_memory_method": costs[0]["peak_memory_method"], **worst, "latency_s_per_batch": total_time / len(costs),
-            "generation_time_s": total_time, "images_per_s": len(samples) / total_time}
+            "generation_time_s": total_time, "images_per_s": len(samples) / total_time, "decoding_stats": passes}

@@ -104,15 +104,28 @@ def stream_keys(seed: int, counter: int) -> tuple[int, int]:
     return _mix_int(seed), _mix_int(counter + 0x9E3779B9)
 
 
-def keyed_bits(sample_ids: torch.Tensor, seed_key: int, counter_key: int, width: int) -> torch.Tensor:
-    """32 random bits per (sample, column) for the keys of `stream_keys`. -> (B, width) int64."""
+SPECULATIVE_SALT = 0x3C6EF372  # speculative decoding's streams: (position, iteration, purpose) instead of a token index
+
+
+def speculative_keys(seed: int, positions: torch.Tensor, iteration: int, purpose: int) -> tuple[int, torch.Tensor]:
+    """Keys of the draws speculative decoding makes at visual positions (R,) in `iteration` for `purpose` (draft,
+    acceptance, residual): (seed key, (R,) counter keys). Each draw of a sample is keyed by (seed, sample,
+    position, iteration, purpose) alone, so it does not depend on the batch or the process."""
+    counters = [_mix_int(_mix_int(4 * int(position) + purpose + SPECULATIVE_SALT) ^ (iteration & MASK32))
+                for position in positions.reshape(-1).tolist()]
+    return _mix_int(seed), torch.tensor(counters, dtype=torch.long, device=positions.device).view(positions.shape)
+
+
+def keyed_bits(sample_ids: torch.Tensor, seed_key: int, counter_key: int | torch.Tensor, width: int) -> torch.Tensor:
+    """32 random bits per (sample, column) for the keys of `stream_keys` (or a counter key per sample, (B,)).
+    -> (B, width) int64."""
     if _on_host(sample_ids):
         return torch.from_numpy(_host_bits(sample_ids, seed_key, counter_key, width).astype(np.int64))
     row, columns = _row_hash(sample_ids, seed_key, counter_key), _column_hash(width, sample_ids.device)
     return _mix32(row[:, None] ^ columns[None, :])
 
 
-def _row_hash(sample_ids: torch.Tensor, seed_key: int, counter_key: int) -> torch.Tensor:
+def _row_hash(sample_ids: torch.Tensor, seed_key: int, counter_key: int | torch.Tensor) -> torch.Tensor:
     """Each sample's hash under the stream keys. (B,) -> (B,) int64 in [0, 2**32)."""
     return _mix32(_mix32(sample_ids.long() ^ seed_key) ^ counter_key)
 
@@ -151,7 +164,12 @@ def counter_bits(seed: int, sample_ids: torch.Tensor, counter: int, width: int) 
     return keyed_bits(sample_ids, *stream_keys(seed, counter), width)
 
 
-def keyed_gumbel(sample_ids: torch.Tensor, seed_key: int, counter_key: int, width: int) -> torch.Tensor:
+def keyed_uniform(sample_ids: torch.Tensor, seed_key: int, counter_key: int | torch.Tensor, width: int) -> torch.Tensor:
+    """Uniform noise in (0, 1), (B, width) float32, from the top 24 bits of `keyed_bits` (exact in float32)."""
+    return ((keyed_bits(sample_ids, seed_key, counter_key, width) >> 8).float() + 0.5) / 2**24
+
+
+def keyed_gumbel(sample_ids: torch.Tensor, seed_key: int, counter_key: int | torch.Tensor, width: int) -> torch.Tensor:
     """Standard Gumbel noise (B, width), float32, from `keyed_bits`."""
     if _on_host(sample_ids):  # the top 24 bits are exact in float32 either way
         high = torch.from_numpy((_host_bits(sample_ids, seed_key, counter_key, width) >> 8).astype(np.float32))
@@ -184,6 +202,15 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         remove[..., 0] = False
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
+
+
+def target_probabilities(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
+    """The distribution `draw_tokens` samples from: softmax of the tempered, top-k / top-p filtered logits.
+    (..., V) float -> (..., V) float32."""
+    if config.temperature != 1.0:
+        logits = logits / config.temperature
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return torch.softmax(filter_logits(flat, config.top_k, config.top_p), dim=-1).view(logits.shape)
 
 
 def sample_tokens(logits: torch.Tensor, config: SamplingConfig, seed: int, sample_ids: torch.Tensor,

@@ -46,7 +46,7 @@ def test_step_latency_has_every_decode_step_of_every_timed_run(make_config):
                       "benchmark.keeps=[1/4]", "benchmark.warmup=0", "benchmark.policies=[full,linear]")
     record = run(cfg)
     steps = pd.read_csv(Path(cfg.run_dir) / "step_latency.csv", dtype={"keep": str})
-    assert list(steps.columns) == ["model", "cache", "keep", "batch_size", "step", "seconds"]
+    assert list(steps.columns) == ["model", "cache", "keep", "batch_size", "step", "seconds", "decoding"]
     num_visual = 64  # 128 px: 8 x 8 tokens; steps 0..62 feed tokens 0..62 (the last token is only sampled)
     for row in record["rows"]:
         mine = steps[(steps.cache == row["cache"]) & (steps.keep == row["keep"])]

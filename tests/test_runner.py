@@ -26,7 +26,7 @@ def test_run_writes_the_run_folder(make_config, tmp_path):
     record = run(cfg)
     run_dir = Path(cfg.run_dir)
     assert run_dir.parent == tmp_path / "outputs/samples/llamagen_tiny/linear/keep-1_4/random/seed-0"
-    assert re.fullmatch(r"n-3_cfg-1\.75_[0-9a-f]{8}", run_dir.name)  # + a hash of what determines the samples
+    assert re.fullmatch(r"n-3_cfg-1\.75_sequential_[0-9a-f]{8}", run_dir.name)  # + a hash of what determines the samples
     tokens = np.load(run_dir / "tokens.npz")
     assert tokens["tokens"].shape == (3, 64) and tokens["tokens"].dtype == np.int64
     assert tokens["labels"].shape == (3,)

@@ -184,7 +184,7 @@ class Sweep:
         assert returncode == 0, self.log.read_text()[-4000:]
 
     def record(self, keep: str) -> Path:
-        """The run's metrics.json, in its default folder (seed-0/n-<num_samples>_cfg-<cfg>_<hash>/)."""
+        """The run's metrics.json, in its default folder (seed-0/n-<num_samples>_cfg-<cfg>_<decoding>_<hash>/)."""
         seed_dir = self.output_root / "samples" / "llamagen_tiny" / "linear" / f"keep-{keep.replace('/', '_')}" / \
             "random" / "seed-0"
         found = sorted(seed_dir.glob("n-*/metrics.json"))

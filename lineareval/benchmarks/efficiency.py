@@ -12,8 +12,11 @@ the largest batch whose measured per-image memory fits `memory_limit_gib`, and `
 CPU seconds per wall second of the timed runs: below the core count when another process took CPU
 time, i.e. the timing is unreliable). Rows go to `efficiency.csv` and `metrics.json` in the run
 folder, and the table is printed in the paper's layout. The wall time of every decode step goes to
-`step_latency.csv` in the run folder (model, cache, keep, batch_size, step, seconds; step i = sampling
-visual token i and feeding it through the model, evictions included).
+`step_latency.csv` in the run folder (model, cache, keep, batch_size, step, seconds, decoding; step i =
+sampling visual token i and feeding it through the model, evictions included; for speculative decoding a
+step is an iteration). `benchmark.decodings=[sequential,sjd]` measures every row under each decoding
+method, with its forward passes per image and committed tokens per pass (`decode_passes_per_image`,
+`tokens_per_pass`) next to time and memory.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lineareval.api import build_policy, policy_config, policy_names, timed_generation
+from lineareval.api import build_decoding, build_policy, group_config, policy_names, timed_generation
 from lineareval.benchmarks.base import Benchmark
 from lineareval.benchmarks.samples import Samples
 from lineareval.cache import CachePolicy
@@ -43,7 +46,7 @@ from lineareval.record import write_csv_atomic
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
-STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds"]
+STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds", "decoding"]
 STEP_FILE = "step_latency.csv"
 ORDERS = ("interleaved", "grouped")
 
@@ -60,12 +63,13 @@ class Run:
 
 @dataclass
 class Entry:
-    """One row of the table (a policy at one keep) while it is measured."""
+    """One row of the table (a decoding method and a policy at one keep) while it is measured."""
 
     name: str
     keep: str
     budget: int
     policy: CachePolicy
+    decoding: object = None  # a decoding method (None: the run's)
     warmup_s: float = 0.0
     runs: list[Run] = field(default_factory=list)
 
@@ -88,6 +92,7 @@ class Efficiency(Benchmark):
     memory_limit_gib: float = 16.0  # for `max_batch_at_limit`
     # explicit rows instead of policies x keeps: "full", "linear@1/6", "window@1/6", ... (the GPU report's table)
     rows: list[str] | None = None
+    decodings: list[str] | None = None  # names of conf/decoding/*.yaml, each with every row (None: the run's)
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -104,18 +109,7 @@ class Efficiency(Benchmark):
             raise ValueError(f"only {len(samples)} samples for batch_size={cfg.batch_size}: raise num_samples, "
                              "add prompts or images_per_prompt")
         ids, conditions = samples.batch(0, cfg.batch_size, device)
-        layout, entries = generator.layout, []
-        known = policy_names()
-        for name, text in self.entry_specs():  # every entry is checked before anything runs
-            if name not in known:
-                raise FileNotFoundError(f"benchmark.policies names {name!r}, which is not a config of conf/cache/ "
-                                        f"(known: {', '.join(known)})")
-            policy = build_policy(policy_config(cfg, name))  # composed by Hydra, as cache=<name> would be
-            keep = parse_keep(text)
-            budget = keep.budget(layout.num_visual)
-            check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
-                         model=cfg.model.name)
-            entries.append(Entry(name, keep.text, budget, policy))
+        layout, entries = generator.layout, self.entries(cfg, generator)
         progress = tqdm(total=len(entries) * (self.warmup + self.repeats), desc=f"{cfg.model.name} efficiency",
                         unit="generation")
         measure = partial(self.timed_run, cfg, generator, conditions=conditions, ids=ids, device=device,
@@ -142,14 +136,34 @@ class Efficiency(Benchmark):
         for entry in entries:
             row, seconds = self.summarise(entry, cfg, device, layout.num_visual)
             row["order"] = "interleaved" if interleaved else "grouped"
-            log.info("%s keep=%s: %.2f s (warm-up %.1f s), peak %.2f GB", entry.name, entry.keep, row["generation_s"],
-                     row["warmup_s"], row["peak_memory_bytes"] / 1e9)
-            label = {"model": cfg.model.name, "cache": entry.name, "keep": entry.keep, "batch_size": cfg.batch_size}
+            log.info("%s %s keep=%s: %.2f s (warm-up %.1f s), peak %.2f GB", entry.decoding.name, entry.name, entry.keep,
+                     row["generation_s"], row["warmup_s"], row["peak_memory_bytes"] / 1e9)
+            label = {"model": cfg.model.name, "decoding": entry.decoding.name, "cache": entry.name, "keep": entry.keep,
+                     "batch_size": cfg.batch_size}
             rows.append({**label, "visual_budget": entry.budget, "sequences": generator.sequences(cfg.batch_size),
                          **row, **line_means(seconds, layout.line_len)})
             steps += [{**label, "step": step, "seconds": value} for step, value in enumerate(seconds)]
         write_csv_atomic(Path(cfg.run_dir) / STEP_FILE, pd.DataFrame(steps, columns=STEP_COLUMNS))
         return add_ratios(rows)
+
+    def entries(self, cfg, generator) -> list[Entry]:
+        """Every (decoding, policy, keep) row, each composed by Hydra as `decoding=<d> cache=<p>` would be and
+        checked against the model before anything runs."""
+        layout, known, entries = generator.layout, policy_names(), []
+        methods = [generator.decoder.method] if self.decodings is None else [
+            build_decoding(group_config(cfg, "decoding", name)) for name in self.decodings]
+        for method in methods:
+            for name, text in self.entry_specs():
+                if name not in known:
+                    raise FileNotFoundError(f"benchmark.policies names {name!r}, which is not a config of "
+                                            f"conf/cache/ (known: {', '.join(known)})")
+                policy = build_policy(group_config(cfg, "cache", name))
+                keep = parse_keep(text)
+                budget = keep.budget(layout.num_visual)
+                check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
+                             model=cfg.model.name)
+                entries.append(Entry(name, keep.text, budget, policy, method))
+        return entries
 
     def entry_specs(self) -> list[tuple[str, str]]:
         """(policy, keep) of every row: `rows` ("policy@keep"; `full` at keep 1), else policies x keeps."""
@@ -178,7 +192,7 @@ class Efficiency(Benchmark):
         progress.set_postfix_str(f"{entry.name} {entry.keep} warm-up")
         began = time.perf_counter()
         for _ in range(self.warmup):
-            timed_generation(generator, entry.policy, entry.budget, conditions, ids, cfg.seed, device)
+            timed_generation(generator, entry.policy, entry.budget, conditions, ids, cfg.seed, device, entry.decoding)
             progress.update()
         return time.perf_counter() - began
 
@@ -191,7 +205,7 @@ class Efficiency(Benchmark):
         timer = StepTimer(generator.layout.num_visual - 1, device)
         cpu_began = time.process_time()
         cost = timed_generation(WithTimer(generator, timer), entry.policy, entry.budget, conditions, ids, cfg.seed,
-                                device)[1]
+                                device, entry.decoding)[1]
         cpu_seconds = time.process_time() - cpu_began  # all threads: ~ cores x wall time when none is shared
         progress.update()
         return Run(cost, timer.seconds(), cpu_seconds, resident)
@@ -267,13 +281,17 @@ def resident_bytes(device: torch.device) -> int:
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Speedup and memory saving against the `full` row (when present)."""
-    full = next((row for row in rows if row["cache"] == "full"), None)
+    """Speedup and memory saving against the `full` row of the same decoding method (when present), and the
+    speedup against the first `full` row (with `benchmark.decodings`: the first method's, e.g. sequential)."""
+    fulls = [row for row in rows if row["cache"] == "full"]
     for row in rows:
+        full = next((other for other in fulls if other.get("decoding") == row.get("decoding")), None)
         if full is not None:
             row["speedup"] = full["generation_s"] / row["generation_s"]
             row["memory_saving"] = 1 - row["peak_memory_bytes"] / full["peak_memory_bytes"]
             row["kv_saving"] = 1 - row["kv_cache_capacity_bytes"] / full["kv_cache_capacity_bytes"]
+        if fulls:
+            row["speedup_vs_first_full"] = fulls[0]["generation_s"] / row["generation_s"]
     return rows
 
 

@@ -485,6 +485,17 @@ class KVCache:
 
     # ---- schedule: chunks of tokens, then a commit ---------------------------------------------
 
+    def next_eviction(self, visual_index: int) -> int | None:
+        """The first visual index >= `visual_index` whose commit evicts under this policy and budget, or None: a
+        scoring point L evicts once the visual cache would exceed the budget there (L + 1 > B)."""
+        if self.policy.evicts_at is EvictAt.NEVER:
+            return None
+        first = max(visual_index, self.budget)  # the first index whose commit leaves more than B visual tokens
+        if self.policy.evicts_at is EvictAt.STEP:
+            return first
+        n = self.layout.line_len
+        return -(-(first + 1) // n) * n - 1  # the first line end at or after it
+
     def begin_chunk(self, visual_index: torch.Tensor, length: int) -> None:
         """Reserve `length` slots per sequence for its visual tokens visual_index[s] .. + length - 1, written
         after its own occupied slots. visual_index (S,) must be each sequence's next token (the first
