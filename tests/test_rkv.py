@@ -90,7 +90,7 @@ def test_rkv_scores_are_pooled_window_attention_minus_key_redundancy(setup, poli
     unit = torch.finfo(torch.float32).eps / 2
     assert trace.scored
     for number, event in enumerate(trace.scored):
-        layer, step = number % len(qk), event["step"]
+        layer, step = event["layer"], event["step"]
         first = prefix + step + 1 - policy.window
         q, k = qk[layer]
         logits = torch.tensor([float((q[..., : prefix + step + 1, :] @ k[..., : prefix + step + 1, :].transpose(
@@ -166,7 +166,7 @@ def test_rkv_fixed_interval_equals_the_masked_full_cache(setup, policy_factory, 
     trace = run_policy(model, policy, budget, labels, tokens)
     oracle = model(labels, tokens[:, :-1], oracle_masks(trace, prefix))
     torch.testing.assert_close(trace.logits, oracle, **roundoff_tolerance(oracle, llamagen_depth(model)))
-    assert trace.capacity == prefix + budget + interval
+    assert trace.capacity == [prefix + budget + interval] * len(trace.capacity)
     evicted_at = []
     for step, (during, after) in enumerate(zip(trace.visible, trace.after)):
         visual = after[0][..., prefix:].sum(-1)
