@@ -583,8 +583,11 @@ class LayerGroup:
             layer.positions.masked_fill_(rolled[:, None], -1)
         first_visual = state.row_next.copy()
         state.row_occupancy = first_free
+        deferred = np.zeros(self.sequences, dtype=bool)
         for order in range(int(counts.max(initial=0))):
-            self._commit_token(first_visual + order, order, counts > order, np.maximum(counts - order - 1, 0))
+            deferred |= self._commit_token(first_visual + order, order, counts > order, counts)
+        if deferred.any():  # scoring points that were each sequence's last committed token, in one pass
+            self._score_rows(first_visual + counts - 1, deferred)
         state.row_next = first_visual + counts
         state.high_water = int(state.row_occupancy.max())
         for layer in self.layers:
@@ -592,18 +595,27 @@ class LayerGroup:
                 signal.end_chunk()
         state.chunk = 0
 
-    def _commit_token(self, visual: np.ndarray, order: int, rows: np.ndarray, later: np.ndarray) -> None:
-        """The schedule for chunk token `order` of the sequences `rows` (S,) bool: visual indices `visual` (S,);
-        `later` (S,): each sequence's committed tokens after it (already in the store, kept, not counted)."""
-        state, layout, policy = self.state, self.layout, self.policy
+    def _commit_token(self, visual: np.ndarray, order: int, rows: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """The schedule for chunk token `order` of the sequences `rows` (S,) bool (visual indices `visual` (S,)).
+        Sequences are independent, so a scoring point that is a sequence's last committed token is deferred
+        to one pass after all orders (returned as a mask); one with tokens after it is scored now."""
+        state, layout = self.state, self.layout
         state.row_visual = state.row_visual + rows
         rows_tensor = torch.from_numpy(rows).to(self.device)
         for layer in self.layers:
             for signal in layer.signals.values():
                 signal.committed(layer, order, rows_tensor)
-        at_point = rows & policy.is_scoring_point(layout, visual)
-        if not at_point.any():
-            return
+        at_point = rows & self.policy.is_scoring_point(layout, visual)
+        last = at_point & (counts == order + 1)
+        if (at_point & ~last).any():
+            self._score_rows(visual, at_point & ~last, np.maximum(counts - order - 1, 0))
+        return last
+
+    def _score_rows(self, visual: np.ndarray, at_point: np.ndarray, later: np.ndarray | None = None) -> None:
+        """Observe and evict (down to the budget) the sequences `at_point` (S,) at their visual indices (S,);
+        `later` (S,): each sequence's committed tokens after that one (already in the store, kept, not counted)."""
+        state, layout, policy = self.state, self.layout, self.policy
+        later = np.zeros_like(visual) if later is None else later
         excess = np.where(at_point, np.maximum(state.row_visual - self.budget, 0), 0)
         self.step.scoring = torch.from_numpy(visual).to(self.device)
         context = EvictionContext(layout, self.budget, self.step.scoring[:, None, None], torch.from_numpy(
