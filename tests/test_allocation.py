@@ -186,3 +186,80 @@ def test_the_efficiency_benchmark_measures_rows_under_each_allocation(make_confi
     h2o = {row["budget_allocation"]: row for row in rows if row["cache"] == "h2o"}
     assert h2o["pyramid"]["kv_cache_capacity_bytes"] == h2o["uniform"]["kv_cache_capacity_bytes"]
     assert h2o["adaptive_heads"]["kv_cache_capacity_bytes"] > h2o["uniform"]["kv_cache_capacity_bytes"]
+
+
+def test_the_report_pairs_each_run_with_the_full_cache_and_each_allocation_with_uniform(tmp_path, monkeypatch):
+    """scripts/allocation_report.py on run folders with known contents: token agreement 0.75 and a squared error
+    of 100 (PSNR 10 log10(255^2 / 100)) for uniform and pyramid alike (difference exactly 0, not real);
+    adaptive_heads' error of 400 in half the samples and 0 in the others -> pooled PSNR 10 log10(255^2 / 200),
+    3.01 dB below uniform, an interval excluding 0. The records' own paired fields, when present, are kept."""
+    import importlib.util
+    import json
+    import sys
+
+    import numpy as np
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("allocation_report", root / "scripts" / "allocation_report.py")
+    report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "allocation_report", report)
+    spec.loader.exec_module(report)
+
+    rng = np.random.default_rng(0)
+    count, tokens = 40, rng.integers(0, 100, (40, 16))
+    images = rng.integers(30, 200, (count, 8, 8, 3)).astype(np.uint8)
+    changed = tokens.copy()
+    changed[:, :4] += 1  # a quarter of every sample's tokens differ
+    shifted = {10: images + 10, 20: images + 20}
+    adaptive = np.where(np.arange(count)[:, None, None, None] % 2 == 0, images + 20, images)
+
+    def write(name: str, cache: str, keep: str, allocation: str, run_tokens, run_images, **extra):
+        folder = tmp_path / name
+        folder.mkdir()
+        record = {"model": "demo", "seed": 0, "num_samples": count, "cache": cache, "keep": keep,
+                  "budget_allocation": allocation, "visual_budget": 256 if cache == "full" else 32,
+                  "kv_cache_capacity_bytes": 2**20, "fid": 100.0 + len(name), "precision": 0.5, "recall": 0.5, **extra}
+        (folder / "metrics.json").write_text(json.dumps(record))
+        np.savez(folder / "tokens.npz", tokens=run_tokens, labels=np.zeros(count, dtype=int))
+        np.savez(folder / "samples.npz", arr_0=run_images)
+
+    write("full", "full", "1", "uniform", tokens, images)
+    write("uniform", "linear", "1/8", "uniform", changed, shifted[10])
+    write("pyramid", "linear", "1/8", "pyramid", changed, shifted[10])
+    write("adaptive", "linear", "1/8", "adaptive_heads", changed, adaptive)
+    write("paired", "h2o", "1/8", "uniform", tokens, images, token_agreement=0.9, token_agreement_ci_low=0.8,
+          token_agreement_ci_high=1.0)
+    table, differences = report.quality_table(report.finished_runs(tmp_path), replicates=200, seed=0)
+    table = report.ordered(table).set_index("run_dir")
+    row = table.loc[str(tmp_path / "uniform")]
+    assert row.token_agreement == 0.75 and row.psnr == pytest.approx(10 * np.log10(255**2 / 100))
+    assert row.psnr_ci_low == row.psnr_ci_high == row.psnr  # every sample has the same error
+    assert table.loc[str(tmp_path / "paired")].token_agreement == 0.9  # the record's own paired fields
+    assert list(table.policy) == ["full", "h2o", "linear", "linear", "linear"]  # conf/cache/ order
+    assert list(table.allocation)[2:] == ["uniform", "adaptive_heads", "pyramid"]
+    by_allocation = differences.set_index("allocation")
+    assert by_allocation.loc["pyramid", "psnr_difference"] == 0 and not by_allocation.loc[
+        "pyramid", "psnr_difference_real"]
+    adaptive_row = by_allocation.loc["adaptive_heads"]
+    assert adaptive_row.psnr_difference == pytest.approx(10 * np.log10(100 / 200))
+    assert adaptive_row.psnr_difference_real and adaptive_row.psnr_difference_ci_high < 0
+    text = report.markdown(table.reset_index(), differences)
+    assert "| 1/8 | linear | adaptive_heads |" in text and "-3.01*" in text
+    report.figure(table.reset_index(), tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 1000
+
+
+def test_the_allocations_grid_is_every_policy_allocation_and_keep_plus_the_full_baseline():
+    """`make allocations`: the demo model at 400 samples, every compressed policy x every allocation x keep 1/4 and
+    1/8 (all taken from their config folders), each in its own run folder, beside the full-cache baseline."""
+    import itertools
+
+    from test_slurm import sweep_jobs
+
+    jobs = sweep_jobs("allocations")
+    expected = itertools.product([name for name in CACHE_CONFIGS if name != "full"], ALLOCATION_CONFIGS, ["1/4", "1/8"])
+    assert sorted((job.cache.name, job.budget_allocation.name, job.keep) for job in jobs) == sorted(expected)
+    assert {(job.model.name, job.benchmark.name, job.num_samples, job.seed) for job in jobs} == {
+        ("demo", "demo_fid", 400, 0)}
+    (baseline,) = sweep_jobs("allocations", "cache=full", "keep=1", "budget_allocation=uniform")  # as make runs it
+    assert len({job.run_dir for job in jobs} | {baseline.run_dir}) == len(jobs) + 1
