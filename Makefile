@@ -24,7 +24,7 @@ grid = $(SWEEP) experiment=$(1) cache=full keep=1 $(ARGS) && $(SWEEP) experiment
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations perf gpu-report
+.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations allocations perf gpu-report
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -64,6 +64,11 @@ dpg: setup ## DPG-Bench, Lumina-mGPT-768: full + every policy x keep 1/4,1/6,1/8
 ablations: setup ## LineAR ablations on ImageNet FID (LlamaGen-XL): keep, anchors, recent lines, score source
 	for experiment in ablation_keep ablation_anchors ablation_recent_lines ablation_score_source; do \
 		$(SWEEP) experiment=$$experiment $(ARGS) || exit 1; done
+
+allocations: setup ## demo model, 400 samples: full + every policy x budget allocation (uniform, pyramid, adaptive_heads) x keep 1/4,1/8; table + figure in results/
+	$(SWEEP) experiment=allocations cache=full keep=1 budget_allocation=uniform $(ARGS)
+	$(SWEEP) experiment=allocations $(ARGS)
+	$(PY) scripts/allocation_report.py outputs/demo_fid/demo --out results
 
 perf: setup ## CPU performance report into results/ (efficiency, roofline, per-step latency); OFFICIAL=path/to/LlamaGen adds the official loop
 	$(PY) scripts/perf_report.py $(if $(OFFICIAL),--official $(OFFICIAL),--skip-official)

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lineareval.cache import CachePolicy
+from lineareval.cache.allocation import Budgets, allocate
 from lineareval.config import call_target, resolve_device, resolve_dtype
 from lineareval.identity import register_resolvers
 from lineareval.keep import check_budget, parse_keep
@@ -95,6 +96,20 @@ def build_decoding(decoding_cfg: DictConfig):
     return call_target(decoding_cfg)
 
 
+def build_budgets(cfg: DictConfig, policy: CachePolicy, generator, keep: str | int | None = None,
+                  policy_name: str | None = None, allocation: DictConfig | None = None) -> Budgets:
+    """B = floor(keep * N) (the run's `keep` unless given), checked against what `policy` protects, spread over the
+    model's layers (and heads) by `allocation` (a conf/budget_allocation/ config; the run's unless given)."""
+    parsed = parse_keep(cfg.keep if keep is None else keep)
+    layout, name = generator.layout, policy_name or cfg.cache.name
+    budget = parsed.budget(layout.num_visual)
+    check_budget(parsed, budget, policy.minimum_budget(layout), layout.num_visual, policy=name, model=cfg.model.name)
+    spec = generator.model.cache_spec()
+    node = cfg.get("budget_allocation") if allocation is None else allocation
+    return allocate(node, budget, layers=spec["num_layers"], heads=spec["heads"], layout=layout, policy=policy,
+                    policy_name=name, model=cfg.model.name)
+
+
 def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):
     """The model of `conf/model/<name>.yaml` (a `Generator`), with the run's sampling, weights, decoding method
     and compile choices."""
@@ -111,7 +126,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_generation(generator, policy: CachePolicy, budget: int, conditions, sample_ids: torch.Tensor,
+def timed_generation(generator, policy: CachePolicy, budget: int | Budgets, conditions, sample_ids: torch.Tensor,
                      seed: int, device: torch.device, method=None) -> tuple[torch.Tensor, dict]:
     """Generate one batch (fresh caches) with the generator's decoding method (or `method`); returns tokens
     (B, N) and its cost, with the method's statistics (forward passes per image, tokens per pass).
@@ -155,6 +170,7 @@ class Pipeline:
     policy: CachePolicy
     budget: int
     device: torch.device
+    budgets: Budgets | None = None  # how `budget_allocation` spread B over layers and heads (None: uniform)
 
     def generate(self, labels=None, prompts: list[str] | None = None, seed: int | None = None,
                  sample_ids=None, decode: bool | None = None) -> Output:
@@ -168,13 +184,14 @@ class Pipeline:
         count = len(conditions)
         ids = torch.as_tensor(range(count) if sample_ids is None else sample_ids, dtype=torch.long,
                               device=self.device)
-        tokens, cost = timed_generation(self.generator, self.policy, self.budget, conditions, ids,
+        tokens, cost = timed_generation(self.generator, self.policy, self.budgets or self.budget, conditions, ids,
                                         self.cfg.seed if seed is None else seed, self.device)
         images = None
         if self.cfg.decode_images if decode is None else decode:
             images = self.generator.decode_images(tokens).cpu().numpy()
         record = {"model": self.cfg.model.name, "cache": self.cfg.cache.name, "keep": str(self.cfg.keep),
-                  "visual_budget": self.budget, "batch_size": count, "policy": self.policy.describe(), **cost}
+                  "visual_budget": self.budget, "batch_size": count, "policy": self.policy.describe(),
+                  **(self.budgets.describe() if self.budgets else {"budget_allocation": "uniform"}), **cost}
         return Output(tokens.cpu().numpy(), images, record)
 
 
@@ -187,9 +204,5 @@ def load(model: str = "demo", *overrides: str, cache: str = "full", keep: str | 
     dtype = resolve_dtype(cfg.dtype, device)
     policy = build_policy(cfg.cache)
     generator = build_generator(cfg, device, dtype)
-    layout = generator.layout
-    parsed = parse_keep(cfg.keep)
-    budget = parsed.budget(layout.num_visual)
-    check_budget(parsed, budget, policy.minimum_budget(layout), layout.num_visual, policy=cfg.cache.name,
-                 model=cfg.model.name)
-    return Pipeline(cfg, generator, policy, budget, device)
+    budgets = build_budgets(cfg, policy, generator)
+    return Pipeline(cfg, generator, policy, budgets.visual_budget, device, budgets)

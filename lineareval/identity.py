@@ -13,7 +13,9 @@ parts:
   file by its name, size and the SHA-256 of its first and last MiB (the same file in another folder
   matches, a changed file does not), a folder or a missing file by its last path component; a file
   that one run could read and the other could not is compared by name (so `stage=generate` without
-  the reference batch and `stage=evaluate` with it are one run). Cheap: a finished run is skipped on it.
+  the reference batch and `stage=evaluate` with it are one run). A config group added later enters
+  only away from its default (`NEUTRAL_DEFAULTS`: `budget_allocation=uniform` samples as runs made
+  before the group existed, so they keep their folders). Cheap: a finished run is skipped on it.
 - `content`: what the config only points at, read when sampling: each weight file's name, size and
   SHA-256 of its first and last MiB, and a SHA-256 of every sample's condition (class labels, or the
   prompts themselves, wherever the prompts file lives), plus the images' resolution.
@@ -47,6 +49,9 @@ SUITE_FIELDS = ("batch_size", "compile", "compile_backend")
 LOCATION_FIELDS = frozenset({"gpt_ckpt", "vq_ckpt", "path", "chameleon_dir", "prompts_file", "reference",
                              "annotations", "images_dir", "questions", "prompts_dir", "extractor_weights",
                              "cache_dir"})
+# Config groups added after runs were made, left out of the identity at their default, which samples what
+# runs made before they existed sampled (those runs keep their identity and folder): group -> default name.
+NEUTRAL_DEFAULTS = {"budget_allocation": "uniform"}
 EDGE_BYTES = 2**20  # a weight file is fingerprinted by its size and its first and last MiB
 HASH_CHARS = 8  # of the run folder name's hash: 32 bits, and the identity check catches a collision
 
@@ -110,6 +115,9 @@ def config_identity(cfg: DictConfig | Mapping, read_files: bool = True, for_fold
     benchmark = _resolved(node, "benchmark") or {}
     kept = set(SUITE_FIELDS) if is_suite(benchmark) else set()
     identity = {key: _resolved(node, key) for key in node if key not in EXECUTION_FIELDS or key in kept}
+    for group, default in NEUTRAL_DEFAULTS.items():
+        if isinstance(identity.get(group), Mapping) and identity[group].get("name") == default:
+            del identity[group]
     device, dtype = _resolved(node, "device", "auto"), _resolved(node, "dtype", "auto")
     if not for_folder or kept:  # a suite measures the device: its folder names it
         identity["device"] = resolved_device_type(device)
@@ -199,9 +207,10 @@ def _is_fingerprint(value: Any) -> bool:
 def run_key(*, _root_: DictConfig) -> str:
     """Last component of the default run_dir: readable knobs plus a hash of the whole config identity.
 
-    `n-<num_samples>_cfg-<cfg_scale>_<decoding>_<hash>`: two configurations that sample differently never
-    share a folder; the same configuration spelled differently (paths, device, batch_size) does. A CPU and a
-    GPU run of one configuration with `dtype=auto` share it too; the identity check tells them apart.
+    `n-<num_samples>_cfg-<cfg_scale>_<decoding>[_<budget allocation>]_<hash>`: two configurations that sample
+    differently never share a folder; the same configuration spelled differently (paths, device, batch_size)
+    does. A CPU and a GPU run of one configuration with `dtype=auto` share it too; the identity check tells
+    them apart. The budget allocation is named when it is not the default (uniform, left out of the identity).
     """
     from lineareval.config import path_safe
 
@@ -210,7 +219,9 @@ def run_key(*, _root_: DictConfig) -> str:
     cfg_scale = sampling.get("cfg_scale", "none") if isinstance(sampling, Mapping) else "none"
     decoding = identity.get("decoding") or {}
     name = decoding.get("name", "sequential") if isinstance(decoding, Mapping) else "sequential"
-    return (f"n-{path_safe(identity.get('num_samples'))}_cfg-{path_safe(cfg_scale)}_{path_safe(name)}_"
+    allocation = identity.get("budget_allocation")
+    named = f"_{path_safe(allocation.get('name'))}" if isinstance(allocation, Mapping) else ""
+    return (f"n-{path_safe(identity.get('num_samples'))}_cfg-{path_safe(cfg_scale)}_{path_safe(name)}{named}_"
             f"{digest(identity, HASH_CHARS)}")
 
 

@@ -3,8 +3,9 @@
 Sample i depends only on (seed, i) and its condition, so a compressed run and the full-cache run of
 the same model, weights, sampling settings, seed, conditions and sample count hold the same images
 but for what the eviction changed. Two runs pair when their identities (`identity.json`,
-lineareval/identity.py) are equal in everything but the `cache` group and `keep`: the config part
-(benchmark, model, sampling, seed, `num_samples`, resolved device type and dtype) and the content part
+lineareval/identity.py) are equal in everything but the `cache` group, `keep` and `budget_allocation`
+(what the policy keeps, how many tokens and where): the config part (benchmark, model, sampling, the
+decoding method, seed, `num_samples`, resolved device type and dtype) and the content part
 (weight files, the SHA-256 of every condition, the number of samples, the resolution). Equal sample
 counts are required rather than pairing on common indices: FID's small-sample bias depends on the
 count, so a difference between runs of different sizes would carry that bias, and a run's own FID
@@ -29,7 +30,7 @@ from lineareval.runfolder import IDENTITY_FILE, stored_identity
 log = logging.getLogger(__name__)
 
 BASELINE = "full"  # lineareval.api.BASELINE, without importing the API here
-POLICY_FIELDS = ("cache", "keep")  # what may differ between a run and its partner
+POLICY_FIELDS = ("cache", "keep", "budget_allocation")  # what may differ between a run and its partner
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,13 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from lineareval import distributed, runfolder, shards
-from lineareval.api import build_generator, build_policy, timed_generation
+from lineareval.api import build_budgets, build_generator, build_policy, timed_generation
 from lineareval.benchmarks.paired import PairedRequest
 from lineareval.cache import CachePolicy
+from lineareval.cache.allocation import Budgets
 from lineareval.config import call_target, check_run_fields, resolve_device, resolve_dtype
 from lineareval.identity import config_identity, content_identity, run_fingerprint
-from lineareval.keep import check_budget, parse_keep
+from lineareval.keep import parse_keep
 from lineareval.loggers import NoLogger
 from lineareval.record import (METRICS_FILE, RunRecord, StorageError, environment_info, save_record, write_csv_atomic,
                                write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
@@ -197,9 +198,7 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     policy = build_policy(cfg.cache)
     generator = build_generator(cfg, device, dtype)
     layout = generator.layout
-    budget = keep.budget(layout.num_visual)
-    check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=cfg.cache.name,
-                 model=cfg.model.name)
+    budgets = build_budgets(cfg, policy, generator)  # B from keep, spread by budget_allocation
     if cfg.decode_images and not generator.can_decode:
         generator.decode_images(None)  # raises the adapter's message about the missing decoder files
     samples = benchmark.samples(cfg, generator)
@@ -210,8 +209,8 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     # shards of another identity are refused before any rank looks for its own
     ranks.on_main(partial(runfolder.prepare, run_dir, resolved, {**identity, "fingerprint": fingerprint}, cfg.force))
 
-    description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text}"
-    mine, sampled = _sample_shards(cfg, ranks, generator, policy, budget, samples, fingerprint, resolution, device,
+    description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text} {budgets.name}"
+    mine, sampled = _sample_shards(cfg, ranks, generator, policy, budgets, samples, fingerprint, resolution, device,
                                    description)
     ranks.barrier()
     if not ranks.is_main:
@@ -220,12 +219,12 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     folder = run_dir / shards.SHARDS_DIR
     cost = _merge(cfg, run_dir, plan, samples, fingerprint)
     record = RunRecord(
-        model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budget,
+        model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budgets.visual_budget,
         batch_size=cfg.batch_size, num_samples=len(samples), seed=cfg.seed, weights=cfg.weights,
         weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
         tokens_per_s=len(samples) * layout.num_visual / cost["generation_time_s"],
         **{key: value for key, value in cost.items() if key != "decoding_stats"}, **environment_info(device),
-        extra={"policy": policy.describe(), "decoding": generator.decoder.method.describe(),
+        extra={"policy": policy.describe(), **budgets.describe(), "decoding": generator.decoder.method.describe(),
                "distribution_preserving": generator.decoder.method.distribution_preserving, **cost["decoding_stats"],
                "evaluated": False, "world_size": ranks.world_size, "run_fingerprint": fingerprint})
     save_record(record, run_dir)  # generation is safe on disk before any scoring starts
@@ -238,7 +237,7 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     return record.to_dict()
 
 
-def _sample_shards(cfg: DictConfig, ranks: distributed.Ranks, generator, policy: CachePolicy, budget: int,
+def _sample_shards(cfg: DictConfig, ranks: distributed.Ranks, generator, policy: CachePolicy, budget: Budgets,
                    samples, fingerprint: str, resolution: int | None, device: torch.device,
                    description: str) -> tuple[int, int]:
     """Sample this rank's shards that are missing (or of another fingerprint); returns (its shards, sampled)."""

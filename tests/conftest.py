@@ -9,13 +9,16 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from lineareval.api import policy_names
+from lineareval.api import config_options, policy_names
+from lineareval.cache.allocation import Budgets, allocate
 from lineareval.identity import register_resolvers
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
 from lineareval.runner import build_policy
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CACHE_CONFIGS = policy_names()  # every policy of conf/cache/, as Hydra lists the group
+# every budget allocation of conf/budget_allocation/, the default (uniform) first
+ALLOCATION_CONFIGS = sorted(config_options("budget_allocation"), key=lambda name: (name != "uniform", name))
 MODEL_CONFIGS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
 
 
@@ -40,6 +43,19 @@ def make_config(tmp_path, monkeypatch):
 def policy_factory(make_config):
     """A policy built from conf/cache/<name>.yaml with optional overrides, as the runner builds it."""
     return lambda name, *overrides: build_policy(make_config(f"cache={name}", *overrides).cache)
+
+
+@pytest.fixture
+def budgets_for(make_config):
+    """`Budgets` of conf/budget_allocation/<allocation>.yaml for `policy` at visual budget `budget` on `model`,
+    as the runner allocates them."""
+    def build(policy, budget: int, allocation: str, model) -> Budgets:
+        spec = model.cache_spec()
+        return allocate(make_config(f"budget_allocation={allocation}").budget_allocation, budget,
+                        layers=spec["num_layers"], heads=spec["heads"], layout=model.layout, policy=policy,
+                        policy_name=policy.name, model="tiny")
+
+    return build
 
 
 def roundoff_tolerance(reference: torch.Tensor, depth: int) -> dict:

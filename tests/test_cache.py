@@ -1,4 +1,5 @@
-"""Every policy in conf/cache/ against an oracle, plus the invariants each policy promises.
+"""Every policy in conf/cache/ under every budget allocation in conf/budget_allocation/ against an oracle, plus
+the invariants each policy and allocation promise.
 
 The oracle: a policy's logits at every step must equal those of a cache-free forward over the whole
 sequence whose attention hides exactly the tokens the policy had evicted at that step, in that layer,
@@ -12,8 +13,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from conftest import CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
+from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.cache import CachePolicy, EvictAt
+from lineareval.cache.allocation import Budgets
 from lineareval.decoding.stepper import Stepper
 from lineareval.keep import parse_keep
 
@@ -28,32 +30,35 @@ class Trace:
     visible: list[list[torch.Tensor]]  # [step][layer] (S, H, P + N) at attention time
     after: list[list[torch.Tensor]]  # [step][layer] after the step's eviction
     scored: list[dict] = field(default_factory=list)  # one per (eviction, layer)
-    capacity: int = 0
+    capacity: list[int] = field(default_factory=list)  # per layer
     occupancy: list[int] = field(default_factory=list)
 
 
-def record_scores(policy: CachePolicy, scored: list[dict]) -> None:
-    """Wrap `policy.score` to capture the scores it returned and the slots' positions."""
+def record_scores(policy: CachePolicy, scored: list[dict], layer_index: dict) -> None:
+    """Wrap `policy.score` to capture the scores it returned, the slots' positions and the layer (`layer_index`:
+    id of a layer's store -> its index, filled once the cache exists)."""
     original = policy.score
 
-    def score(layer, context):
-        scores = original(layer, context)
-        scored.append({"scores": scores.clone(), "positions": layer.positions[:, :, : scores.shape[-1]].clone(),
-                       "valid": layer.valid[:, :, : scores.shape[-1]].clone(), "step": context.visual_index})
+    def score(view, context):
+        scores = original(view, context)
+        scored.append({"scores": scores.clone(), "positions": view.positions[:, :, : scores.shape[-1]].clone(),
+                       "valid": view.valid[:, :, : scores.shape[-1]].clone(), "step": context.visual_index,
+                       "layer": layer_index.get(id(view._layer))})
         return scores
 
     object.__setattr__(policy, "score", score)
 
 
 @torch.inference_mode()
-def run_policy(model, policy: CachePolicy, budget: int, labels: torch.Tensor, tokens: torch.Tensor,
+def run_policy(model, policy: CachePolicy, budget: int | Budgets, labels: torch.Tensor, tokens: torch.Tensor,
                stepper: Stepper | None = None) -> Trace:
     """Teacher-forced sequential decoding of `tokens` (S, N) through the decoder's stepper (eager by default)."""
     layout = model.layout
     stepper = stepper or Stepper(model)
-    scored: list[dict] = []
-    record_scores(policy, scored)
+    scored, layer_index = [], {}
+    record_scores(policy, scored, layer_index)
     cache = stepper.new_cache(policy, budget, len(labels), layout)
+    layer_index.update({id(layer): index for index, layer in enumerate(cache.layers)})
     logits, visible, after, occupancy = [stepper.prefill(labels, cache)], [], [], []
     for index in range(layout.num_visual - 1):
         before = cache.visible_positions()
@@ -63,8 +68,12 @@ def run_policy(model, policy: CachePolicy, budget: int, labels: torch.Tensor, to
         visible.append(before)
         after.append(cache.visible_positions())
         occupancy.append([int(layer.valid.sum(-1).max()) for layer in cache.layers])
-        assert all(int(layer.valid.sum(-1).min()) == cache.state.occupancy for layer in cache.layers)
-    return Trace(torch.stack(logits, 1), visible, after, scored, cache.state.capacity, occupancy)
+        for layer in cache.layers:  # a layer's tokens fill its slots below its own occupancy
+            held = layer.valid.sum(-1)
+            assert int(held.max()) <= layer.state.occupancy
+            assert layer.state.head_holes or int(held.min()) == layer.state.occupancy
+    return Trace(torch.stack(logits, 1), visible, after, scored, [layer.state.capacity for layer in cache.layers],
+                 occupancy)
 
 
 def oracle_masks(trace: Trace, prefix: int) -> list[torch.Tensor]:
@@ -121,18 +130,22 @@ def setup():
 
 
 def cases():
-    for name in CACHE_CONFIGS:
-        for keep in (["1"] if name == "full" else KEEPS):
-            yield pytest.param(name, keep, id=f"{name}-{keep}")
+    """Every policy at both keeps under the uniform allocation; under the others at the keep that is not a whole
+    number of lines (at 1/4 the tiny model's budget is what LineAR protects: nothing to spread)."""
+    for allocation in ALLOCATION_CONFIGS:
+        for name in CACHE_CONFIGS:
+            for keep in (["1"] if name == "full" else KEEPS if allocation == "uniform" else KEEPS[1:]):
+                yield pytest.param(name, keep, allocation, id=f"{name}-{keep}-{allocation}")
 
 
-@pytest.mark.parametrize("name, keep", list(cases()))
-def test_policy_equals_full_cache_with_evicted_tokens_masked(setup, policy_factory, name, keep):
+@pytest.mark.parametrize("name, keep, allocation", list(cases()))
+def test_policy_equals_full_cache_with_evicted_tokens_masked(setup, policy_factory, budgets_for, name, keep,
+                                                             allocation):
     model, labels, tokens = setup
     layout = model.layout
-    budget = parse_keep(keep).budget(layout.num_visual)
     policy = policy_factory(name)
-    trace = run_policy(model, policy, budget, labels, tokens)
+    budgets = budgets_for(policy, parse_keep(keep).budget(layout.num_visual), allocation, model)
+    trace = run_policy(model, policy, budgets, labels, tokens)
     oracle = model(labels, tokens[:, :-1], oracle_masks(trace, layout.prefix_len))
     tolerance = roundoff_tolerance(oracle, llamagen_depth(model))
     torch.testing.assert_close(trace.logits, oracle, **tolerance)
@@ -143,36 +156,55 @@ def test_policy_equals_full_cache_with_evicted_tokens_masked(setup, policy_facto
         assert (trace.logits - unmasked).abs().max() > 10 * tolerance["atol"]
 
 
-@pytest.mark.parametrize("name, keep", list(cases()))
-def test_invariants(setup, policy_factory, name, keep):
+@pytest.mark.parametrize("name, keep, allocation", list(cases()))
+def test_invariants(setup, policy_factory, budgets_for, name, keep, allocation):
+    """Per layer, its own budget B_l: the prefix stays, the visual tokens never exceed B_l plus one period and
+    return to B_l at each scoring point, nothing is evicted in between. Heads hold B_l each, or with a
+    head-adaptive allocation H * B_l together, each between its floor and its cap."""
     model, labels, tokens = setup
-    layout = model.layout
-    prefix, n = layout.prefix_len, layout.line_len
-    budget = parse_keep(keep).budget(layout.num_visual)
+    layout, heads = model.layout, model.config.n_head
+    prefix = layout.prefix_len
     policy = policy_factory(name)
-    trace = run_policy(model, policy, budget, labels, tokens)
-    assert max(max(step) for step in trace.occupancy) <= trace.capacity
-    assert trace.capacity == prefix + min(layout.num_visual, budget + policy.slack(layout))
+    budgets = budgets_for(policy, parse_keep(keep).budget(layout.num_visual), allocation, model)
+    trace = run_policy(model, policy, budgets, labels, tokens)
+    period = policy.eviction_period(layout)  # 1: every step, n: line ends, None: never
+    per_head = budgets.adaptive_heads and not policy.selects_by_position and period is not None
+    for layer, capacity in enumerate(trace.capacity):
+        budget, floor, cap = budgets.layer(layer)
+        assert max(step[layer] for step in trace.occupancy) <= capacity
+        visual_slots = cap + period if per_head else min(layout.num_visual, budget + policy.slack(layout))
+        assert capacity == prefix + visual_slots
     for step, (during, after) in enumerate(zip(trace.visible, trace.after)):
-        for layer_during, layer_after in zip(during, after):
-            visual = layer_after[..., prefix:].sum(-1)
+        for layer, (layer_during, layer_after) in enumerate(zip(during, after)):
+            budget, floor, cap = budgets.layer(layer)
+            visual = layer_after[..., prefix:].sum(-1)  # (S, H)
             assert layer_after[..., :prefix].all(), "prefix evicted"
-            assert (visual <= budget + (n - 1 if policy.evicts_at is EvictAt.LINE_END else 0)).all()
-            assert (visual == visual.flatten()[0]).all(), "budgets are uniform over sequences and heads"
-            if policy.evicts_at is EvictAt.LINE_END and not layout.is_line_end(step):
-                assert torch.equal(layer_during, layer_after), "evicted away from a line end"
-            if policy.evicts_at is EvictAt.LINE_END and layout.is_line_end(step):
-                assert (visual == min(budget, step + 1)).all()
-            if policy.evicts_at is EvictAt.STEP:
-                assert (visual == min(budget, step + 1)).all()
-    check_policy_specifics(policy, trace, layout, budget)
+            if period is None:
+                assert (visual == step + 1).all()
+                continue
+            if per_head:  # the layer's heads share H * B_l
+                total = visual.sum(-1)
+                assert (visual <= cap + period - 1).all() and (visual >= min(floor, step + 1)).all()
+                assert (total <= heads * (budget + period - 1)).all()
+                kept = total
+                budget_here = heads * min(budget, step + 1)
+            else:
+                assert (visual == visual.flatten()[0]).all(), "budgets are uniform over sequences and heads"
+                assert (visual <= budget + period - 1).all()
+                kept, budget_here = visual, min(budget, step + 1)
+            if policy.is_scoring_point(layout, step):
+                assert (kept == budget_here).all()
+            else:
+                assert torch.equal(layer_during, layer_after), "evicted away from a scoring point"
+    check_policy_specifics(policy, trace, layout, budgets)
 
 
-def check_policy_specifics(policy, trace: Trace, layout, budget: int) -> None:
+def check_policy_specifics(policy, trace: Trace, layout, budgets: Budgets) -> None:
     prefix, n = layout.prefix_len, layout.line_len
     for step, maps in enumerate(trace.after):
         seen = prefix + step + 1  # positions written so far
-        for layer_map in maps:
+        for layer, layer_map in enumerate(maps):
+            budget = budgets.layers[layer]
             if policy.name == "window":
                 expected = torch.zeros_like(layer_map[0, 0])
                 expected[:prefix] = True
@@ -197,10 +229,9 @@ def test_evicts_the_lowest_scores(setup, policy_factory, name):
     model, labels, tokens = setup
     budget = 16
     trace = run_policy(model, policy_factory(name), budget, labels, tokens)
-    layers = len(trace.after[0])
     assert trace.scored, "the policy never evicted"
-    for number, event in enumerate(trace.scored):
-        step, layer = event["step"], number % layers
+    for event in trace.scored:
+        step, layer = event["step"], event["layer"] or 0  # None: scored on the slot table, the same in every layer
         kept_map = trace.after[step][layer]
         kept = torch.gather(kept_map, 2, event["positions"].clamp(min=0)) & event["valid"]
         evicted = event["valid"] & ~kept
@@ -209,6 +240,7 @@ def test_evicts_the_lowest_scores(setup, policy_factory, name):
         highest_evicted = candidates.masked_fill(~evicted, float("-inf")).amax(-1)
         lowest_kept = candidates.masked_fill(~kept, float("inf")).amin(-1)
         assert (highest_evicted <= lowest_kept).all()
+        assert not torch.isinf(event["scores"][evicted]).any(), "a slot the policy protected (+inf) was evicted"
         assert torch.isinf(candidates.masked_fill(~evicted, float("inf"))).logical_not().any(-1).all(), \
             "every eviction removed at least one unprotected slot"
 
@@ -221,9 +253,8 @@ def test_linear_scores_are_inter_line_attention(setup, policy_factory, score_sou
     trace = run_policy(model, policy_factory("linear", f"cache.score_source={score_source}"), 16, labels, tokens)
     masks = oracle_masks(trace, prefix)
     probabilities = attention_probabilities(model, labels, tokens[:, :-1], masks)
-    layers = len(probabilities)
-    for number, event in enumerate(trace.scored):
-        step, layer = event["step"], number % layers
+    for event in trace.scored:
+        step, layer = event["step"], event["layer"]
         rows = probabilities[layer][:, :, prefix + step - n + 1: prefix + step + 1]  # (S, H, n, T)
         if score_source == "line":
             expected_by_position = rows.mean(2)
@@ -267,9 +298,8 @@ def test_h2o_scores_are_accumulated_attention(setup, policy_factory):
     prefix = model.layout.prefix_len
     trace = run_policy(model, policy_factory("h2o"), 16, labels, tokens)
     probabilities = attention_probabilities(model, labels, tokens[:, :-1], oracle_masks(trace, prefix))
-    layers = len(probabilities)
-    for number, event in enumerate(trace.scored):
-        step, layer = event["step"], number % layers
+    for event in trace.scored:
+        step, layer = event["step"], event["layer"]
         received = probabilities[layer][:, :, prefix: prefix + step + 1].sum(2)  # decode queries only
         positions = event["positions"].clamp(min=0)
         visual = event["valid"] & (positions >= prefix) & torch.isfinite(event["scores"])
@@ -290,7 +320,7 @@ def test_window_with_keep_1_equals_full(setup, policy_factory):
     full = run_policy(model, policy_factory("full"), 64, labels, tokens)
     window = run_policy(model, policy_factory("window"), 64, labels, tokens)
     assert torch.equal(full.logits, window.logits)
-    assert window.capacity == full.capacity == 65
+    assert window.capacity == full.capacity == [65, 65]
 
 
 def test_compressed_capacity_follows_the_budget(setup, policy_factory):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CACHE_CONFIGS, decoder_depth, llamagen_depth, roundoff_tolerance, tiny_llamagen
+from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, decoder_depth, llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.cache import EvictAt, TokenLayout
 from lineareval.decoding.stepper import Stepper
 from lineareval.keep import parse_keep
@@ -101,37 +101,46 @@ def llamagen_setup():
 
 
 def cases():
-    for name in CACHE_CONFIGS:
-        for keep in (["1"] if name == "full" else KEEPS):
-            yield pytest.param(name, keep, id=f"{name}-{keep}")
+    """Every policy at both keeps and both seeds under the uniform allocation; under the others at 21 tokens."""
+    for allocation in ALLOCATION_CONFIGS:
+        for name in CACHE_CONFIGS:
+            for keep in (["1"] if name == "full" else KEEPS if allocation == "uniform" else KEEPS[1:]):
+                for seed in ([0, 1] if allocation == "uniform" else [0]):
+                    yield pytest.param(name, keep, allocation, seed, id=f"{name}-{keep}-{allocation}-{seed}")
 
 
-@pytest.mark.parametrize("name, keep", list(cases()))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_random_chunks_and_commits_equal_the_masked_full_cache(llamagen_setup, policy_factory, name, keep, seed):
+@pytest.mark.parametrize("name, keep, allocation, seed", list(cases()))
+def test_random_chunks_and_commits_equal_the_masked_full_cache(llamagen_setup, policy_factory, budgets_for, name,
+                                                               keep, allocation, seed):
     model, labels, tokens = llamagen_setup
     layout = model.layout
-    budget = parse_keep(keep).budget(layout.num_visual)
+    policy = policy_factory(name)
+    budgets = budgets_for(policy, parse_keep(keep).budget(layout.num_visual), allocation, model)
     stepper = Stepper(model)
-    cache = stepper.new_cache(policy_factory(name), budget, len(labels), layout, max_chunk=5)
+    cache = stepper.new_cache(policy, budgets, len(labels), layout, max_chunk=5)
     positions = layout.prefix_len + torch.arange(layout.num_visual).expand(len(labels), -1)
     trace = run_chunked(stepper, cache, labels, tokens, positions, np.random.default_rng(seed), max_chunk=5)
     oracle = model(labels, tokens[:, :-1], chunk_masks(trace, layout.prefix_len))[:, layout.prefix_len:]
     torch.testing.assert_close(trace.logits, oracle, **roundoff_tolerance(oracle, llamagen_depth(model)))
     assert trace.chunks < layout.num_visual - 1  # chunks of several tokens were taken
-    kept = cache.visible_positions()[0][..., layout.prefix_len:].sum(-1)  # (S, H) visual tokens at the end
-    if policy_factory(name).evicts_at is not EvictAt.NEVER:
-        assert (kept <= budget + layout.line_len).all() and cache.state.evictions > 0
+    for layer, layer_map in zip(cache.layers, cache.visible_positions()):  # visual tokens at the end: (S, H)
+        kept = layer_map[..., layout.prefix_len:].sum(-1)
+        held = torch.from_numpy(layer.state.row_visual)[:, None]  # each sequence's count (per head on average)
+        assert (kept.sum(-1, keepdim=True) == held * kept.shape[1]).all()  # no token lost or duplicated
+        if policy.evicts_at is not EvictAt.NEVER:
+            assert (held <= layer.state.capacity).all() and layer.state.evictions > 0
+            assert (held <= max(budgets.layers) + layout.line_len).all()
     assert (np.asarray(cache.state.row_next) == layout.num_visual - 1).all()
 
 
+@pytest.mark.parametrize("allocation", ALLOCATION_CONFIGS)
 @pytest.mark.parametrize("name", CACHE_CONFIGS)
-def test_chunks_of_one_token_are_sequential_decoding(llamagen_setup, policy_factory, name):
+def test_chunks_of_one_token_are_sequential_decoding(llamagen_setup, policy_factory, budgets_for, name, allocation):
     """Ragged single-token steps (every policy evicting per sequence and head) keep exactly the tokens that the
-    sequential fast path keeps, step by step, and give its logits."""
+    sequential fast path keeps, step by step, and give its logits, under every budget allocation."""
     model, labels, tokens = llamagen_setup
     layout = model.layout
-    budget = 64 if name == "full" else 21
+    budget = budgets_for(policy_factory(name), 64 if name == "full" else 21, allocation, model)
     sequential = run_policy(model, policy_factory(name), budget, labels, tokens)
     stepper = Stepper(model)
     cache = stepper.new_cache(policy_factory(name), budget, len(labels), layout, max_chunk=1)
@@ -206,16 +215,23 @@ def chameleon():
     return model.float().eval()
 
 
+@pytest.mark.parametrize("allocation", ALLOCATION_CONFIGS)
 @pytest.mark.parametrize("name", CACHE_CONFIGS)
-def test_padded_prefixes_with_random_chunks_equal_the_masked_forward(chameleon, policy_factory, name):
+def test_padded_prefixes_with_random_chunks_equal_the_masked_forward(chameleon, make_config, policy_factory, name,
+                                                                     allocation):
+    from lineareval.cache.allocation import allocate
+
     layout, sequences = TokenLayout(prefix_len=3, rows=6, line_len=4), 4
     total = layout.prefix_len + layout.num_visual
     ids = torch.randint(0, 512, (sequences, total), generator=torch.Generator().manual_seed(5))
     present = torch.tensor([[True, True, True], [False, True, True], [True, True, True], [False, True, True]])
     positions = (torch.arange(total) - (~present).sum(1, keepdim=True)).clamp(min=0)  # (S, T)
     budget = layout.num_visual if name == "full" else parse_keep("1/2").budget(layout.num_visual)
+    policy = policy_factory(name)
+    budget = allocate(make_config(f"budget_allocation={allocation}").budget_allocation, budget, layers=2, heads=4,
+                      layout=layout, policy=policy, policy_name=name, model="chameleon")
     stepper = Stepper(chameleon)
-    cache = stepper.new_cache(policy_factory(name), budget, sequences, layout, max_chunk=4)
+    cache = stepper.new_cache(policy, budget, sequences, layout, max_chunk=4)
     prefix = TextPrefix(ids[:, :3], positions[:, :3], present)
     trace = run_chunked(stepper, cache, prefix, ids[:, 3:], positions[:, 3:], np.random.default_rng(7), 4)
     masks = chunk_masks(trace, layout.prefix_len)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
+from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.decoding.stepper import Stepper
 from lineareval.keep import parse_keep
 from lineareval.runner import build_generator, build_policy
@@ -19,10 +19,11 @@ DEFAULT_SUITE = ("linear",)
 
 
 def cases():
-    for name in CACHE_CONFIGS:
-        keep = "1" if name == "full" else 21  # 21 of 64: not a whole number of lines
-        marks = () if name in DEFAULT_SUITE else (pytest.mark.slow,)
-        yield pytest.param(name, keep, id=f"{name}-{keep}", marks=marks)
+    for allocation in ALLOCATION_CONFIGS:
+        for name in CACHE_CONFIGS:
+            keep = "1" if name == "full" else 21  # 21 of 64: not a whole number of lines
+            marks = () if name in DEFAULT_SUITE else (pytest.mark.slow,)
+            yield pytest.param(name, keep, allocation, id=f"{name}-{keep}-{allocation}", marks=marks)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,16 @@ def compiled():
     return model, stepper
 
 
-@pytest.mark.parametrize("name, keep", list(cases()))
-def test_compiled_decoding_passes_the_oracle_and_equals_eager(compiled, policy_factory, name, keep):
+@pytest.mark.parametrize("name, keep, allocation", list(cases()))
+def test_compiled_decoding_passes_the_oracle_and_equals_eager(compiled, policy_factory, budgets_for, name, keep,
+                                                              allocation):
     compiled_model, stepper = compiled
     generator = torch.Generator().manual_seed(1)
     labels = torch.tensor([3, 7, 10, 10])
     tokens = torch.randint(0, compiled_model.config.vocab_size, (4, compiled_model.layout.num_visual),
                            generator=generator)
-    budget = parse_keep(keep).budget(compiled_model.layout.num_visual)
+    budget = budgets_for(policy_factory(name), parse_keep(keep).budget(compiled_model.layout.num_visual), allocation,
+                         compiled_model)
     trace = run_policy(compiled_model, policy_factory(name), budget, labels, tokens, stepper)
     eager = run_policy(tiny_llamagen(grid=8), policy_factory(name), budget, labels, tokens)
     oracle = compiled_model(labels, tokens[:, :-1], oracle_masks(trace, compiled_model.layout.prefix_len))

@@ -23,7 +23,8 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from conftest import CACHE_CONFIGS
+from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS
+from lineareval.cache.allocation import Budgets
 from lineareval.cache.engine import LayerKV
 from lineareval.keep import parse_keep
 from lineareval.runner import build_generator, build_policy
@@ -83,7 +84,7 @@ def graphs_bound(caches) -> int:
     on for padded prefixes (prompts of different lengths) and, with bucketed widths (CUDA graphs),
     at every step; a generation whose caches differ in that gets one graph for each.
     """
-    return len({cache.state.masked for cache in caches})
+    return len({tuple(group.state.masked for group in cache.groups) for cache in caches})
 
 
 def tiny_generator(make_config, family: str, policy: str, *extra: str):
@@ -92,15 +93,16 @@ def tiny_generator(make_config, family: str, policy: str, *extra: str):
     return generator, build_policy(cfg.cache)
 
 
-def compiled_generation(generator, policy, keep: str, recorder, *, width_multiple: int = 1):
-    """A whole generation (two images) with the decode step compiled through Stepper.compile."""
+def compiled_generation(generator, policy, keep: str | Budgets, recorder, *, width_multiple: int = 1):
+    """A whole generation (two images) with the decode step compiled through Stepper.compile; `keep` may be the
+    `Budgets` of a budget allocation."""
     torch._dynamo.reset()
     counters.clear()
     step = generator.decoder.stepper
     step.compile("cpu", backend=recorder)
     if width_multiple > 1:  # the CUDA-graph bookkeeping (bucketed widths, masked steps) without a GPU
         step.cuda_graphs, step.width_multiple = True, width_multiple
-    budget = parse_keep(keep).budget(generator.layout.num_visual)
+    budget = keep if isinstance(keep, Budgets) else parse_keep(keep).budget(generator.layout.num_visual)
     conditions = PROMPTS if generator.conditioning == "text" else torch.tensor([3, 7])
     return generator.generate(conditions, torch.arange(2), policy, budget, seed=0)
 
@@ -134,6 +136,26 @@ def test_bucketed_widths_keep_one_graph(make_config, policy):
     generation = compiled_generation(generator, built, keep_for(policy), recorder, width_multiple=8)
     check_ready(generation, recorder)
     assert len(recorder.graphs) == 1 and generation.caches[0].state.always_masked
+
+
+@pytest.mark.parametrize("allocation", [name for name in ALLOCATION_CONFIGS if name != "uniform"])
+@pytest.mark.parametrize("policy", CACHE_CONFIGS)
+def test_every_budget_allocation_keeps_one_graph(make_config, policy, allocation):
+    """Per-layer budgets (pyramid: a store and an attention width per layer, each a dynamic size, equal until
+    the layers first evict) and per-head budgets (adaptive_heads: heads' own counts under the cap, attention
+    always masked): one graph for the whole generation, no host synchronisation."""
+    from lineareval.api import build_budgets
+
+    overrides = (f"budget_allocation={allocation}",)
+    generator, built = tiny_generator(make_config, "llamagen", policy, *overrides)
+    cfg = make_config(*TINY["llamagen"], "weights=random", f"cache={policy}", *overrides)
+    budgets = build_budgets(cfg, built, generator, keep=keep_for(policy))
+    recorder = GraphRecorder()
+    generation = compiled_generation(generator, built, budgets, recorder)
+    check_ready(generation, recorder)
+    assert len(recorder.graphs) == 1 and generation.tokens.shape == (2, 64)
+    if allocation == "pyramid" and policy != "full":
+        assert len({layer.state.capacity for layer in generation.caches[0].layers}) == 2  # the layers differ
 
 
 def text_cases():

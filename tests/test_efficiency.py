@@ -46,7 +46,8 @@ def test_step_latency_has_every_decode_step_of_every_timed_run(make_config):
                       "benchmark.keeps=[1/4]", "benchmark.warmup=0", "benchmark.policies=[full,linear]")
     record = run(cfg)
     steps = pd.read_csv(Path(cfg.run_dir) / "step_latency.csv", dtype={"keep": str})
-    assert list(steps.columns) == ["model", "cache", "keep", "batch_size", "step", "seconds", "decoding"]
+    assert list(steps.columns) == ["model", "cache", "keep", "batch_size", "step", "seconds", "decoding",
+                                   "budget_allocation"]
     num_visual = 64  # 128 px: 8 x 8 tokens; steps 0..62 feed tokens 0..62 (the last token is only sampled)
     for row in record["rows"]:
         mine = steps[(steps.cache == row["cache"]) & (steps.keep == row["keep"])]
@@ -77,8 +78,8 @@ def test_repeated_timings_report_medians(make_config, monkeypatch):
         def seconds(self):
             return [self.run + step / 100 for step in range(len(super().seconds()))]
 
-    def fake_generation(generator, policy, budget, conditions, ids, seed, device, method=None):
-        tokens, cost = real_generation(generator, policy, budget, conditions, ids, seed, device, method)
+    def fake_generation(generator, policy, budget, conditions, ids, seed, device, *method):
+        tokens, cost = real_generation(generator, policy, budget, conditions, ids, seed, device, *method)
         return tokens, {**cost, "generation_s": next(totals)}
 
     real_generation = efficiency.timed_generation
@@ -101,9 +102,10 @@ def test_timed_runs_take_turns_across_policies(make_config, monkeypatch, order):
 
     calls, real_generation = [], efficiency.timed_generation
 
-    def logged_generation(generator, policy, budget, conditions, ids, seed, device, method=None):
-        calls.append((policy.name, budget, "timed" if isinstance(generator, efficiency.WithTimer) else "warm-up"))
-        return real_generation(generator, policy, budget, conditions, ids, seed, device, method)
+    def logged_generation(generator, policy, budget, conditions, ids, seed, device, *method):
+        calls.append((policy.name, budget.visual_budget, "timed" if isinstance(generator, efficiency.WithTimer)
+                      else "warm-up"))
+        return real_generation(generator, policy, budget, conditions, ids, seed, device, *method)
 
     monkeypatch.setattr(efficiency, "timed_generation", logged_generation)
     cfg = make_config("benchmark=efficiency", "weights=random", "batch_size=1", "model.image_size=64",

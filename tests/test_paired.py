@@ -122,3 +122,26 @@ def test_runs_record_why_they_have_no_partner_then_pair_with_the_full_run(make_c
     assert off["partner_reason"].startswith("paired.partner=none") and off["kid"] == paired["kid"]
     with pytest.raises(ValueError, match="paired.replicates"):
         run(make_config(*TINY_DEMO, "cache=linear", "keep=1/4", "paired.replicates=1"))
+
+
+def test_a_budget_allocation_is_paired_with_the_uniform_full_run(make_config, tmp_path):
+    """`budget_allocation` spreads a policy's budget like `keep` sizes it: a pyramid run of the same
+    samples pairs with the (uniform) full-cache run; a decoding method changes the samples, so it does not."""
+    from lineareval.identity import config_identity
+
+    def folder(name: str, *overrides: str) -> Path:
+        cfg = make_config(*TINY_DEMO, *overrides)
+        path = tmp_path / name
+        path.mkdir()
+        identity = {"config": config_identity(cfg), "content": {"num_samples": 6, "conditions_sha256": "x"}}
+        (path / "identity.json").write_text(json.dumps(identity))
+        (path / "metrics.json").write_text("{}")
+        (path / "samples.npz").write_bytes(b"")
+        return path
+
+    full = folder("full", "cache=full", "keep=1")
+    pyramid = json.loads((folder("pyramid", "cache=linear", "keep=1/4", "budget_allocation=pyramid")
+                          / "identity.json").read_text())
+    assert mismatch(pyramid, full) is None
+    sjd = json.loads((folder("sjd", "cache=linear", "keep=1/4", "decoding=sjd") / "identity.json").read_text())
+    assert "decoding" in mismatch(sjd, full)

@@ -34,19 +34,20 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lineareval.api import build_decoding, build_policy, group_config, policy_names, timed_generation
+from lineareval.api import build_budgets, build_decoding, build_policy, group_config, policy_names, timed_generation
 from lineareval.benchmarks.base import Benchmark
 from lineareval.benchmarks.samples import Samples
 from lineareval.cache import CachePolicy
+from lineareval.cache.allocation import Budgets
 from lineareval.decoding.decoder import StepTimer
-from lineareval.keep import check_budget, parse_keep
+from lineareval.keep import parse_keep
 from lineareval.memory import PeakMemory, trim_heap
 from lineareval.record import write_csv_atomic
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
-STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds", "decoding"]
+STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds", "decoding", "budget_allocation"]
 STEP_FILE = "step_latency.csv"
 ORDERS = ("interleaved", "grouped")
 
@@ -63,11 +64,11 @@ class Run:
 
 @dataclass
 class Entry:
-    """One row of the table (a decoding method and a policy at one keep) while it is measured."""
+    """One row of the table (a decoding method and a policy at one keep and budget allocation) while it is measured."""
 
     name: str
     keep: str
-    budget: int
+    budget: Budgets
     policy: CachePolicy
     decoding: object = None  # a decoding method (None: the run's)
     warmup_s: float = 0.0
@@ -93,6 +94,8 @@ class Efficiency(Benchmark):
     # explicit rows instead of policies x keeps: "full", "linear@1/6", "window@1/6", ... (the GPU report's table)
     rows: list[str] | None = None
     decodings: list[str] | None = None  # names of conf/decoding/*.yaml, each with every row (None: the run's)
+    # names of conf/budget_allocation/*.yaml, each with every row (None: the run's budget_allocation)
+    allocations: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.warmup < 0:
@@ -139,30 +142,31 @@ class Efficiency(Benchmark):
             log.info("%s %s keep=%s: %.2f s (warm-up %.1f s), peak %.2f GB", entry.decoding.name, entry.name, entry.keep,
                      row["generation_s"], row["warmup_s"], row["peak_memory_bytes"] / 1e9)
             label = {"model": cfg.model.name, "decoding": entry.decoding.name, "cache": entry.name, "keep": entry.keep,
-                     "batch_size": cfg.batch_size}
-            rows.append({**label, "visual_budget": entry.budget, "sequences": generator.sequences(cfg.batch_size),
+                     "budget_allocation": entry.budget.name, "batch_size": cfg.batch_size}
+            rows.append({**label, "visual_budget": entry.budget.visual_budget,
+                         "sequences": generator.sequences(cfg.batch_size),
                          **row, **line_means(seconds, layout.line_len)})
             steps += [{**label, "step": step, "seconds": value} for step, value in enumerate(seconds)]
         write_csv_atomic(Path(cfg.run_dir) / STEP_FILE, pd.DataFrame(steps, columns=STEP_COLUMNS))
         return add_ratios(rows)
 
     def entries(self, cfg, generator) -> list[Entry]:
-        """Every (decoding, policy, keep) row, each composed by Hydra as `decoding=<d> cache=<p>` would be and
-        checked against the model before anything runs."""
-        layout, known, entries = generator.layout, policy_names(), []
+        """Every (decoding, budget allocation, policy, keep) row, each composed by Hydra as `decoding=<d>
+        budget_allocation=<a> cache=<p>` would be and checked against the model before anything runs."""
+        known, entries = policy_names(), []
         methods = [generator.decoder.method] if self.decodings is None else [
             build_decoding(group_config(cfg, "decoding", name)) for name in self.decodings]
+        allocations = [cfg.get("budget_allocation")] if self.allocations is None else [
+            group_config(cfg, "budget_allocation", name) for name in self.allocations]
         for method in methods:
-            for name, text in self.entry_specs():
-                if name not in known:
-                    raise FileNotFoundError(f"benchmark.policies names {name!r}, which is not a config of "
-                                            f"conf/cache/ (known: {', '.join(known)})")
-                policy = build_policy(group_config(cfg, "cache", name))
-                keep = parse_keep(text)
-                budget = keep.budget(layout.num_visual)
-                check_budget(keep, budget, policy.minimum_budget(layout), layout.num_visual, policy=name,
-                             model=cfg.model.name)
-                entries.append(Entry(name, keep.text, budget, policy, method))
+            for allocation in allocations:
+                for name, text in self.entry_specs():
+                    if name not in known:
+                        raise FileNotFoundError(f"benchmark.policies names {name!r}, which is not a config of "
+                                                f"conf/cache/ (known: {', '.join(known)})")
+                    policy = build_policy(group_config(cfg, "cache", name))
+                    budgets = build_budgets(cfg, policy, generator, keep=text, policy_name=name, allocation=allocation)
+                    entries.append(Entry(name, parse_keep(text).text, budgets, policy, method))
         return entries
 
     def entry_specs(self) -> list[tuple[str, str]]:
@@ -298,7 +302,9 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 def paper_table(rows: list[dict]) -> str:
     """model | method | keep | B | batch | memory | saving | latency | speedup (+ throughput)."""
     table = pd.DataFrame([{
-        "model": row["model"], "method": row["cache"], "keep": row["keep"], "B": row["visual_budget"],
+        "model": row["model"], "method": row["cache"] + ("" if row.get("budget_allocation", "uniform") == "uniform"
+                                                        else f" ({row['budget_allocation']})"),
+        "keep": row["keep"], "B": row["visual_budget"],
         "batch": row["batch_size"], "memory_GB": row["peak_memory_bytes"] / 1e9,
         "saving": f"{100 * row.get('memory_saving', 0):.2f}%", "latency_s": row["generation_s"],
         "speedup": f"{row.get('speedup', 1):.2f}x", "images_per_s": row["images_per_s"]} for row in rows])

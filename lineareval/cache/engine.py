@@ -47,7 +47,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lineareval.cache.policy import CachePolicy, CacheView, EvictAt, EvictionContext, TokenLayout
+from lineareval.cache.allocation import Budgets
+from lineareval.cache.policy import CachePolicy, CacheView, EvictionContext, TokenLayout
 from lineareval.memory import tensor_bytes
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class CacheState:
     row_visual: np.ndarray | None = field(default=None, repr=False)  # (S,) visual tokens in the cache
     row_next: np.ndarray | None = field(default=None, repr=False)  # (S,) next visual index to write
     chunk: int = 0  # tokens per sequence of the chunk being written
+    head_holes: bool = False  # heads hold different numbers of tokens (adaptive_heads, after its first eviction)
 
     @property
     def has_holes(self) -> bool:
@@ -126,6 +128,12 @@ class SlotTable:
         self.positions[0, 0, slot], self.valid[0, 0, slot] = position, True
         return slot
 
+    def reserve(self, top: int) -> None:
+        """Slots [0, top) in use (as far as the host knows: heads fill them to their own counts), the rest free."""
+        self.positions[0, 0, top:] = -1
+        self.valid[0, 0, :top], self.valid[0, 0, top:] = True, False
+        self._free = list(range(top, self.state.capacity))
+
     def release(self, slots: list[int]) -> None:
         for slot in slots:
             self.positions[0, 0, slot], self.valid[0, 0, slot] = -1, False
@@ -143,6 +151,36 @@ def lowest_scores(keep_scores: torch.Tensor, positions: torch.Tensor, valid: tor
         protected |= torch.arange(protected.shape[-1], device=protected.device) >= kept_from
     scores = keep_scores.float().masked_fill(protected, float("inf"))
     return scores.topk(count, dim=-1, largest=False).indices
+
+
+def lowest_mask(keep_scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, prefix_len: int,
+                counts: int | np.ndarray) -> torch.Tensor:
+    """(S, H, W) mask of the `counts` lowest keep-scores per row (an int, or (S,) per sequence), never a free
+    or prefix slot (`lowest_scores`, with new tokens eligible)."""
+    most = int(np.max(counts))
+    victims = lowest_scores(keep_scores, positions, valid, prefix_len, most)  # (S, H, most)
+    chosen = torch.arange(most, device=victims.device) < torch.as_tensor(
+        np.asarray(counts), device=victims.device).reshape(-1, 1, 1)
+    return torch.zeros_like(valid).scatter_(-1, victims, chosen.expand_as(victims))
+
+
+def joint_victims(keep_scores: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, prefix_len: int,
+                  budget: int, floor: int, cap: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Ada-KV's selection (https://arxiv.org/abs/2407.11550): (S, H, W) mask of the visual slots to evict so that
+    each sequence's heads keep H * budget tokens together: every head its `floor` highest keep-scores, the
+    rest the highest scores over all heads jointly, no head more than `cap`. `rows` (S,): only these evict."""
+    sequences, heads, width = keep_scores.shape
+    candidate = valid & (positions >= prefix_len)
+    scores = keep_scores.float().masked_fill(~candidate, float("-inf"))
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(width, device=order.device).expand_as(order))
+    guaranteed = candidate & (rank < floor)
+    eligible = candidate & ~guaranteed & (rank < cap)
+    joint = scores.masked_fill(~eligible, float("-inf")).view(sequences, heads * width)
+    chosen = torch.zeros_like(eligible).view(sequences, heads * width)
+    chosen.scatter_(1, joint.topk(heads * (budget - floor), dim=1).indices, True)
+    evicted = candidate & ~(guaranteed | (chosen.view_as(eligible) & eligible))
+    return evicted if rows is None else evicted & rows[:, None, None]
 
 
 class LayerKV:
@@ -307,6 +345,39 @@ class LayerKV:
         self.valid.masked_fill_(freed, False)
         self.positions.masked_fill_(freed, -1)
 
+    def compact(self, evicted: torch.Tensor, target: int | np.ndarray) -> None:
+        """Free the slots marked in `evicted` (S, H, W), then move every surviving token at or above `target` (an
+        int, or (S,) per sequence) into the free slots below it, lowest first. Afterwards all occupied slots lie
+        below the target. Unlike `evict`, victims may be anywhere, tokens written since the previous scoring
+        point included, and each (sequence, head) may free its own number of slots."""
+        width, capacity, prefix = evicted.shape[-1], self.keys.shape[2], self.layout.prefix_len
+        self.valid[:, :, :width] &= ~evicted
+        self.positions[:, :, :width].masked_fill_(evicted, -1)
+        span = width - int(np.min(target))  # the most tokens that can sit at or above their sequence's target
+        if span <= 0:
+            return
+        device = evicted.device
+        first = torch.as_tensor(np.asarray(target), device=device).reshape(-1, 1, 1)  # (S or 1, 1, 1)
+        above = first + torch.arange(span, device=device)  # slots at and above each target; past W: none
+        sources = above.clamp(max=capacity - 1).expand(*evicted.shape[:2], span)  # (S, H, span)
+        movers = self.valid.gather(2, sources) & (above < width)
+        slot = torch.arange(width, device=device)
+        free = ~self.valid[:, :, :width] & (slot >= prefix) & (slot < first)  # never a (padding) prefix slot
+        holes = torch.where(free, slot, width + slot).topk(span, dim=-1, largest=False).values  # lowest first
+        rank = (movers.cumsum(dim=-1) - 1).clamp(min=0)  # the k-th mover takes the k-th hole
+        targets = torch.where(movers, holes.gather(2, rank), sources)  # non-movers copy a slot onto itself
+        dim = self.keys.shape[-1]
+        for store in (self.keys, self.values):
+            store.scatter_(2, targets[..., None].expand(-1, -1, -1, dim),
+                           store.gather(2, sources[..., None].expand(-1, -1, -1, dim)))
+        for store in (self.positions, self.valid):
+            store.scatter_(2, targets, store.gather(2, sources))
+        moved_away = slot >= first  # every survivor up there now has a slot below the target
+        self.valid[:, :, :width].masked_fill_(moved_away, False)
+        self.positions[:, :, :width].masked_fill_(moved_away, -1)
+        for signal in self.signals.values():
+            signal.moved(self, sources, targets, movers)
+
     def release(self, slots: torch.Tensor) -> None:
         """Free the same slots (k,) in every sequence and head (eviction by position)."""
         self.valid.index_fill_(2, slots, False)
@@ -324,20 +395,29 @@ class LayerKV:
             signal.reset()
 
 
-class KVCache:
-    """Per-layer stores plus the policy's schedule. Models call `layers[i].append/attend` inside a step."""
+class LayerGroup:
+    """Layers with one budget and their schedule: one set of counters (`CacheState`), step inputs and host slot
+    table for all of them, as their occupancy is identical. `KVCache` holds one group per distinct layer budget.
 
-    def __init__(self, policy: CachePolicy, layout: TokenLayout, budget: int, *, num_layers: int, sequences: int,
-                 heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str, spare_slot: bool = False,
-                 max_chunk: int = 1):
-        """`spare_slot`: one never-used slot past the capacity per layer, for compiled steps (see LayerKV).
-        `max_chunk`: the most tokens per sequence a chunk may hold (`begin_chunk`); a chunk of k needs k - 1
-        slots beyond the policy's capacity."""
+    With `head_cap` (adaptive_heads, for policies that score per head) the group's heads share H * budget:
+    each eviction keeps every head's `head_floor` best and the best of the rest over all heads jointly
+    (`joint_victims`), heads hold different numbers of tokens, compacted below slot P + head_cap, and new
+    tokens are written from there: the store has P + head_cap + slack slots per head and attention always
+    uses the occupancy mask (one compiled graph).
+    """
+
+    def __init__(self, policy: CachePolicy, layout: TokenLayout, budget: int, head_floor: int | None = None,
+                 head_cap: int | None = None, *, num_layers: int, sequences: int, heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, spare_slot: bool = False, max_chunk: int = 1):
         self.policy, self.layout, self.budget = policy, layout, budget
         self.device = torch.device(device)
         self.max_chunk = max_chunk
+        per_head = head_cap is not None and not policy.selects_by_position and policy.eviction_period(layout)
+        self.head_floor, self.head_cap = (head_floor, head_cap) if per_head else (None, None)
+        capacity = (layout.prefix_len + head_cap + policy.slack(layout) if per_head
+                    else policy.capacity(layout, budget))
         # a chunk of k writes k slots past what the policy keeps (sequences that finished early included)
-        self.state = CacheState(capacity=policy.capacity(layout, budget) + max_chunk - 1)
+        self.state = CacheState(capacity=capacity + max_chunk - 1, always_masked=bool(per_head))
         self.step = StepInputs(self.device)
         self.layers = [LayerKV(self.state, self.step, layout, policy.signals(), sequences=sequences, heads=heads,
                                head_dim=head_dim, dtype=dtype, device=self.device, spare=int(spare_slot))
@@ -383,9 +463,7 @@ class KVCache:
     def end_step(self) -> None:
         """Evict down to the budget if the policy's schedule says so; called once all layers ran."""
         state, policy = self.state, self.policy
-        scoring_point = {EvictAt.STEP: True, EvictAt.NEVER: False,
-                         EvictAt.LINE_END: self.layout.is_line_end(state.visual_index)}[policy.evicts_at]
-        if not scoring_point:
+        if not policy.is_scoring_point(self.layout, state.visual_index):
             return
         excess = state.visual_count - self.budget
         context = EvictionContext(self.layout, self.budget, state.visual_index)
@@ -393,29 +471,41 @@ class KVCache:
             if excess > 0:
                 self._evict_by_position(context, excess)
         else:
+            top = self.layout.prefix_len + self.head_cap if self.head_cap else state.occupancy - excess
             self.step.line_mask = self._line_mask() if self.layers[0].buffers_queries else None
             for layer in self.layers:
                 view = layer.view()
                 policy.observe(view, context)
                 if excess > 0:
-                    layer.evict(policy.score(view, context), excess)
+                    self._evict(layer, policy.score(view, context), excess, top)
                 layer.end_step()  # drop this layer's line probabilities before the next layer computes its own
             self.step.line_mask = None  # valid for this line end only
-            if excess > 0:  # the moved tokens' old slots are free: occupied slots are [0, occupancy) again
-                top = state.occupancy - excess
-                self.table.release(list(range(top, state.occupancy)))
-                state.high_water = top
+            if excess > 0:  # occupied slots lie below `top` again (dense, unless heads keep their own counts)
+                self.table.reserve(top)
+                state.high_water, state.head_holes = top, bool(self.head_cap)
         if excess > 0:
             state.visual_count -= excess
-            state.occupancy -= excess
+            state.occupancy = state.occupancy - excess if policy.selects_by_position else state.high_water
             state.evictions += 1
+
+    def _evict(self, layer: LayerKV, scores: torch.Tensor, excess: int, top: int) -> None:
+        """One layer's per-head eviction of `excess` tokens per (sequence, head) on average, down to slot `top`."""
+        prefix = self.layout.prefix_len
+        if self.head_cap:
+            layer.compact(joint_victims(scores, layer.positions[:, :, :scores.shape[-1]], layer.valid[
+                :, :, :scores.shape[-1]], prefix, self.budget, self.head_floor, self.head_cap), top)
+        elif self.policy.evicts_new_tokens:
+            layer.compact(lowest_mask(scores, layer.positions[:, :, :scores.shape[-1]],
+                                      layer.valid[:, :, :scores.shape[-1]], prefix, excess), top)
+        else:
+            layer.evict(scores, excess)
 
     def _line_mask(self) -> torch.Tensor | None:
         """The (n, W) additive causal mask of the finished line's queries over slots [0, W = high_water), when
         the line sits in the last n slots in order and every slot below is a real token; otherwise None."""
         state, n = self.state, self.layout.line_len
         width = state.high_water
-        if state.padded or state.has_holes or width < self.layout.prefix_len + n:
+        if state.padded or state.has_holes or state.head_holes or width < self.layout.prefix_len + n:
             return None
         last = self.layout.prefix_len + state.visual_index
         if not torch.equal(self.table.positions[0, 0, width - n: width], torch.arange(last - n + 1, last + 1)):
@@ -443,13 +533,11 @@ class KVCache:
     def next_eviction(self, visual_index: int) -> int | None:
         """The first visual index >= `visual_index` whose commit evicts under this policy and budget, or None: a
         scoring point L evicts once the visual cache would exceed the budget there (L + 1 > B)."""
-        if self.policy.evicts_at is EvictAt.NEVER:
+        period = self.policy.eviction_period(self.layout)
+        if period is None:
             return None
         first = max(visual_index, self.budget)  # the first index whose commit leaves more than B visual tokens
-        if self.policy.evicts_at is EvictAt.STEP:
-            return first
-        n = self.layout.line_len
-        return -(-(first + 1) // n) * n - 1  # the first line end at or after it
+        return -(-(first + 1) // period) * period - 1  # the first scoring point at or after it
 
     def begin_chunk(self, visual_index: torch.Tensor, length: int) -> None:
         """Reserve `length` slots per sequence for its visual tokens visual_index[s] .. + length - 1, written
@@ -517,30 +605,50 @@ class KVCache:
         for layer in self.layers:
             for signal in layer.signals.values():
                 signal.committed(layer, order, rows_tensor)
-        at_point = {EvictAt.STEP: rows, EvictAt.NEVER: np.zeros_like(rows),
-                    EvictAt.LINE_END: rows & ((visual + 1) % layout.line_len == 0)}[self.policy.evicts_at]
+        at_point = rows & self.policy.is_scoring_point(layout, visual)
         last = at_point & (counts == order + 1)
         if (at_point & ~last).any():
-            self._score_rows(visual, at_point & ~last)
+            self._score_rows(visual, at_point & ~last, np.maximum(counts - order - 1, 0))
         return last
 
-    def _score_rows(self, visual: np.ndarray, at_point: np.ndarray) -> None:
-        """Observe and evict (down to the budget) the sequences `at_point` (S,) at their visual indices (S,)."""
+    def _score_rows(self, visual: np.ndarray, at_point: np.ndarray, later: np.ndarray | None = None) -> None:
+        """Observe and evict (down to the budget) the sequences `at_point` (S,) at their visual indices (S,);
+        `later` (S,): each sequence's committed tokens after that one (already in the store, kept, not counted)."""
         state, layout, policy = self.state, self.layout, self.policy
+        later = np.zeros_like(visual) if later is None else later
         excess = np.where(at_point, np.maximum(state.row_visual - self.budget, 0), 0)
         self.step.scoring = torch.from_numpy(visual).to(self.device)
         context = EvictionContext(layout, self.budget, self.step.scoring[:, None, None], torch.from_numpy(
             at_point).to(self.device))
         counts, occupancy = (torch.from_numpy(array).to(self.device) for array in (excess, state.row_occupancy))
+        top = (np.where(excess > 0, layout.prefix_len + self.head_cap + later, state.row_occupancy) if self.head_cap
+               else state.row_occupancy - excess)
         for layer in self.layers:
             view = layer.view()
             policy.observe(view, context)
             if excess.any():
-                layer.evict_rows(policy.score(view, context), counts, occupancy)
+                self._evict_rows(layer, policy.score(view, context), excess, counts, occupancy, top, visual)
             layer.end_step()
         state.row_visual = state.row_visual - excess
-        state.row_occupancy = state.row_occupancy - excess
+        state.row_occupancy = top
         state.evictions += int(excess.any())
+        state.head_holes |= bool(self.head_cap) and bool(excess.any())
+
+    def _evict_rows(self, layer: LayerKV, scores: torch.Tensor, excess: np.ndarray, counts: torch.Tensor,
+                    occupancy: torch.Tensor, top: np.ndarray, visual: np.ndarray) -> None:
+        """`_evict` with each sequence's own count (S,): sequence s keeps its slots below top[s]; its tokens after
+        visual[s] (committed in the same chunk) are neither victims nor counted."""
+        width, prefix = scores.shape[-1], self.layout.prefix_len
+        positions, valid = layer.positions[:, :, :width], layer.valid[:, :, :width]
+        if self.head_cap:
+            rows = torch.from_numpy(excess > 0).to(self.device)
+            scored = valid & (positions <= torch.from_numpy(prefix + visual).to(self.device)[:, None, None])
+            layer.compact(joint_victims(scores, positions, scored, prefix, self.budget, self.head_floor,
+                                        self.head_cap, rows), top)
+        elif self.policy.evicts_new_tokens:
+            layer.compact(lowest_mask(scores, positions, valid, prefix, excess), top)
+        else:
+            layer.evict_rows(scores, counts, occupancy)
 
     def _become_ragged(self) -> None:
         """From here on every sequence keeps its own counts (they start equal)."""
@@ -577,12 +685,99 @@ class KVCache:
 
     # ---- accounting ----------------------------------------------------------------------------
 
+    def high_water_bytes(self) -> int:
+        """Bytes of the group's slots ever in use at once (keys, values, positions, masks, per-slot signals)."""
+        return sum(layer.slot_bytes() for layer in self.layers) * self.state.peak_occupancy
+
+
+class KVCache:
+    """Per-layer stores plus the policy's schedule. Models call `layers[i].append/attend` inside a step.
+
+    `budget` is B (an int: every layer and head gets B, the paper's uniform allocation) or `Budgets`
+    (lineareval/cache/allocation.py: a budget per layer, and per head for adaptive_heads). Layers with equal
+    budgets share one `LayerGroup` (its counters, slot table and step inputs); a uniform cache is one group.
+    `state` and `step` are the first group's: what all groups share (the visual index, a chunk's positions,
+    raggedness, each sequence's next token) is the same in every group.
+    """
+
+    def __init__(self, policy: CachePolicy, layout: TokenLayout, budget: int | Budgets, *, num_layers: int,
+                 sequences: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str,
+                 spare_slot: bool = False, max_chunk: int = 1):
+        """`spare_slot`: one never-used slot past the capacity per layer, for compiled steps (see LayerKV).
+        `max_chunk`: the most tokens per sequence a chunk may hold (`begin_chunk`); a chunk of k needs k - 1
+        slots beyond the policy's capacity."""
+        budgets = budget if isinstance(budget, Budgets) else Budgets(int(budget), (int(budget),) * num_layers)
+        if len(budgets.layers) != num_layers:
+            raise ValueError(f"{len(budgets.layers)} layer budgets for a cache of {num_layers} layers")
+        self.policy, self.layout, self.budgets, self.budget = policy, layout, budgets, budgets.visual_budget
+        self.device = torch.device(device)
+        self.max_chunk = max_chunk
+        keys = [budgets.layer(index) for index in range(num_layers)]
+        kinds = list(dict.fromkeys(keys))  # distinct (budget, head floor, head cap), first-seen order
+        self.groups = [LayerGroup(policy, layout, *kind, num_layers=keys.count(kind), sequences=sequences, heads=heads,
+                                  head_dim=head_dim, dtype=dtype, device=self.device, spare_slot=spare_slot,
+                                  max_chunk=max_chunk) for kind in kinds]
+        members = {kind: iter(group.layers) for kind, group in zip(kinds, self.groups)}
+        self.layers = [next(members[key]) for key in keys]
+
+    @property
+    def state(self) -> CacheState:
+        return self.groups[0].state
+
+    @property
+    def step(self) -> StepInputs:
+        return self.groups[0].step
+
+    @property
+    def sequences(self) -> int:
+        return self.layers[0].keys.shape[0]
+
+    def begin_prefix(self) -> None:
+        for group in self.groups:
+            group.begin_prefix()
+
+    def begin_step(self, visual_index: int) -> torch.Tensor:
+        """Reserve one slot per layer, sequence and head for visual token `visual_index`; returns its position (0-d)."""
+        for group in self.groups:
+            group.begin_step(visual_index)
+        return self.step.position
+
+    def end_step(self) -> None:
+        """Evict down to each layer's budget if the policy's schedule says so; called once all layers ran."""
+        for group in self.groups:
+            group.end_step()
+
+    def next_eviction(self, visual_index: int) -> int | None:
+        """The first visual index >= `visual_index` whose commit evicts in some layer, or None (never)."""
+        indices = [index for group in self.groups if (index := group.next_eviction(visual_index)) is not None]
+        return min(indices, default=None)
+
+    def begin_chunk(self, visual_index: torch.Tensor, length: int) -> None:
+        """See `LayerGroup.begin_chunk`: `length` tokens per sequence from visual_index[s] (S,)."""
+        for group in self.groups:
+            group.begin_chunk(visual_index, length)
+
+    def commit(self, counts: torch.Tensor | list[int]) -> None:
+        """See `LayerGroup.commit`: keep the first counts[s] tokens of sequence s's chunk, roll back the rest."""
+        for group in self.groups:
+            group.commit(counts)
+
+    def reset(self, policy: CachePolicy) -> None:
+        """Empty the cache for a new generation under an equal `policy`, keeping every store in place."""
+        self.policy = policy
+        for group in self.groups:
+            group.reset(policy)
+
+    def prepare_for_cuda_graphs(self, width_multiple: int = 64) -> None:
+        for group in self.groups:
+            group.prepare_for_cuda_graphs(width_multiple)
+
     def capacity_bytes(self) -> int:
         return tensor_bytes(*(t for layer in self.layers for t in layer.tensors()))
 
     def high_water_bytes(self) -> int:
         """Bytes of the slots ever in use at once (keys, values, positions, masks, per-slot signals; all layers)."""
-        return sum(layer.slot_bytes() for layer in self.layers) * self.state.peak_occupancy
+        return sum(group.high_water_bytes() for group in self.groups)
 
     def visible_positions(self) -> list[torch.Tensor]:
         """Per layer, the (S, H, P + N) boolean map of positions currently in the cache (for tests)."""

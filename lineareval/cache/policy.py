@@ -13,6 +13,7 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -29,11 +30,12 @@ class ScoreNeed(enum.Enum):
 
 
 class EvictAt(enum.Enum):
-    """When a policy evicts once the visual cache exceeds its budget."""
+    """When a policy evicts once the visual cache exceeds its budget (`CachePolicy.eviction_period`)."""
 
     NEVER = "never"
     STEP = "step"
     LINE_END = "line_end"
+    INTERVAL = "interval"  # every k visual tokens, k set by the policy (R-KV's fixed compression interval)
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ class CacheView:
         """(S, H, n, W) attention of the just-finished line's queries (a `LineQueries` signal)."""
         return self.signal(name).probabilities(self._layer)
 
+    def window_attention(self, name: str = "window") -> torch.Tensor:
+        """(S, H, W) mean attention of the last queries over the slots before them (a `WindowQueries` signal)."""
+        return self.signal(name).attention(self._layer)
+
 
 @dataclass
 class CachePolicy:
@@ -109,6 +115,10 @@ class CachePolicy:
     # its host copy of the slot layout (`SlotTable`, a view shaped like a layer with S = H = 1), and
     # `observe` is not called.
     selects_by_position: ClassVar[bool] = False
+    # True when the policy may evict tokens written since its previous scoring point (R-KV keeps only the
+    # last `window` of them): the engine then compacts the survivors into the lowest slots instead of moving
+    # the new tokens into the victims' slots (which assumes no new token is a victim).
+    evicts_new_tokens: ClassVar[bool] = False
 
     def signals(self) -> dict:
         """Name -> signal spec (lineareval/cache/signals.py) the engine keeps per layer for `score`."""
@@ -126,9 +136,25 @@ class CachePolicy:
         """Smallest visual budget for which the policy can keep what it protects."""
         return 1
 
+    def eviction_period(self, layout: TokenLayout) -> int | None:
+        """Visual tokens from one scoring point to the next: 1 (every step), the line length (line ends), None
+        (never). A policy that evicts at `EvictAt.INTERVAL` returns its interval."""
+        periods = {EvictAt.STEP: 1, EvictAt.LINE_END: layout.line_len, EvictAt.NEVER: None}
+        if self.evicts_at not in periods:
+            raise NotImplementedError(f"policy {self.name} evicts at {self.evicts_at.value}: define eviction_period")
+        return periods[self.evicts_at]
+
+    def is_scoring_point(self, layout: TokenLayout, visual_index: int | np.ndarray) -> bool | np.ndarray:
+        """Whether the step of visual token `visual_index` (an int, or an array of them) ends at a scoring point."""
+        period = self.eviction_period(layout)
+        if period is None:
+            return np.zeros_like(visual_index, dtype=bool) if isinstance(visual_index, np.ndarray) else False
+        return (visual_index + 1) % period == 0
+
     def slack(self, layout: TokenLayout) -> int:
-        """Visual slots needed beyond the budget between two evictions."""
-        return {EvictAt.STEP: 1, EvictAt.LINE_END: layout.line_len, EvictAt.NEVER: layout.num_visual}[self.evicts_at]
+        """Visual slots needed beyond the budget between two evictions: one period."""
+        period = self.eviction_period(layout)
+        return layout.num_visual if period is None else period
 
     def capacity(self, layout: TokenLayout, budget: int) -> int:
         """Slots to preallocate per layer, head and sequence (prefix included)."""

@@ -126,6 +126,51 @@ class ReceivedState(SignalState):
         self.pending = None
 
 
+class QueryRing(SignalState):
+    """The last `length` queries of a layer, query of visual token i at index i % length (a ring buffer).
+
+    `line_queries` signals: the engine calls `queried` with every step's queries. In a multi-token chunk
+    the queries wait in `pending` until `committed` says which of them count.
+    """
+
+    line_queries = True
+
+    def __init__(self, layer: LayerKV, length: int):
+        sequences, heads, _, dim = layer.keys.shape
+        self.length = length
+        self.queries = torch.zeros(sequences, heads, length, dim, dtype=layer.keys.dtype, device=layer.keys.device)
+        self.pending: torch.Tensor | None = None  # a chunk's queries (S, H, k, D) until its commit
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.queries]
+
+    def compiled_index(self, layer: LayerKV) -> torch.Tensor:
+        """(1,) the ring index of this step's query, as a tensor a compiled step reads (no host number)."""
+        return torch.remainder(layer.step.position - layer.layout.prefix_len, self.length).reshape(1)
+
+    def queried(self, layer: LayerKV, query: torch.Tensor) -> None:
+        """Buffer each query at its ring index."""
+        if layer.state.ragged:
+            self.pending = query  # a chunk's rolled-back queries must not overwrite the committed ones
+        elif torch.compiler.is_compiling():
+            self.queries.index_copy_(2, self.compiled_index(layer), query)
+        else:
+            self.queries.narrow(2, layer.state.visual_index % self.length, 1).copy_(query)
+
+    def committed(self, layer: LayerKV, order: int, rows: torch.Tensor) -> None:
+        heads, dim = self.queries.shape[1], self.queries.shape[3]
+        index = (layer.step.chunk_visual[:, order] % self.length)[:, None, None, None].expand(-1, heads, 1, dim)
+        current = self.queries.gather(2, index)
+        self.queries.scatter_(2, index, torch.where(rows[:, None, None, None], self.pending[:, :, order: order + 1],
+                                                    current))
+
+    def end_chunk(self) -> None:
+        self.pending = None
+
+    def reset(self) -> None:
+        self.pending = None
+
+
 @dataclass(frozen=True)
 class LineQueries:
     """The just-finished line's queries, scored at its end against the cache (LineAR's inter-line attention)."""
@@ -137,34 +182,15 @@ class LineQueries:
         return LineState(layer)
 
 
-class LineState(SignalState):
-    line_queries = True
+class LineState(QueryRing):
+    """A ring of one line: at a line end it holds that line's queries in order."""
 
     def __init__(self, layer: LayerKV):
-        sequences, heads, _, dim = layer.keys.shape
-        n = layer.layout.line_len
-        self.queries = torch.zeros(sequences, heads, n, dim, dtype=layer.keys.dtype, device=layer.keys.device)
-        self.pending: torch.Tensor | None = None  # a chunk's queries (S, H, k, D) until its commit
+        super().__init__(layer, layer.layout.line_len)
         self._probabilities: torch.Tensor | None = None
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.queries]
-
-    def queried(self, layer: LayerKV, query: torch.Tensor) -> None:
-        """Buffer each query at its index within its line."""
-        if layer.state.ragged:
-            self.pending = query  # a chunk's rolled-back queries must not overwrite the line's committed ones
-        elif torch.compiler.is_compiling():
-            self.queries.index_copy_(2, layer.step.line_slot, query)
-        else:
-            self.queries.narrow(2, layer.state.visual_index % layer.layout.line_len, 1).copy_(query)
-
-    def committed(self, layer: LayerKV, order: int, rows: torch.Tensor) -> None:
-        n, heads, dim = layer.layout.line_len, self.queries.shape[1], self.queries.shape[3]
-        index = (layer.step.chunk_visual[:, order] % n)[:, None, None, None].expand(-1, heads, 1, dim)
-        current = self.queries.gather(2, index)
-        self.queries.scatter_(2, index, torch.where(rows[:, None, None, None], self.pending[:, :, order: order + 1],
-                                                    current))
+    def compiled_index(self, layer: LayerKV) -> torch.Tensor:
+        return layer.step.line_slot  # the host fills it at every step of a cache whose signals buffer queries
 
     def probabilities(self, layer: LayerKV) -> torch.Tensor:
         """(S, H, n, W) attention of the finished line's queries over slots [0, high_water), causal in the line.
@@ -195,9 +221,38 @@ class LineState(SignalState):
     def end_step(self) -> None:
         self._probabilities = None  # (S, H, n, W) fp32: large at big batches
 
-    def end_chunk(self) -> None:
-        self.pending = None
-
     def reset(self) -> None:
+        super().reset()
         self._probabilities = None
-        self.pending = None
+
+
+@dataclass(frozen=True)
+class WindowQueries:
+    """The last `window` queries, scored against the keys written before them (R-KV's observation window).
+
+    At a scoring point of visual token v the ring holds the queries of tokens v - window + 1 .. v (the
+    policy only evicts once more than `window` tokens were written, so the ring is full then).
+    """
+
+    window: int
+    every_step: ClassVar[bool] = False
+    line_queries: ClassVar[bool] = True
+
+    def state(self, layer: LayerKV) -> WindowState:
+        return WindowState(layer, self.window)
+
+
+class WindowState(QueryRing):
+    def attention(self, layer: LayerKV) -> torch.Tensor:
+        """(S, H, W) mean over the window's queries of their softmax over the slots written before the window.
+
+        As R-KV's reference: the window's own keys are outside each softmax (so no causal mask is needed),
+        the prefix's keys inside it. A sequence with nothing before its window scores 0.
+        """
+        width = layer.state.high_water
+        logits = torch.matmul(self.queries, layer.keys[:, :, :width].transpose(-1, -2)).float()  # (S, H, w, W)
+        logits.mul_(layer.scale)
+        first = layer.layout.prefix_len + layer.scoring_index() + 1 - self.length  # int, or (S,) per sequence
+        before = layer.positions[:, :, :width] < torch.as_tensor(first, device=logits.device).reshape(-1, 1, 1)
+        logits.masked_fill_(~(layer.valid[:, :, :width] & before)[:, :, None], float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(dim=2)
