@@ -4,19 +4,14 @@
 
 Reads every finished run (metrics.json) under the folder, as `make allocations` writes them (conf/experiment/
 allocations.yaml: the trained demo model, 400 samples, the same seeds under every policy), and writes
-`<name>.csv` (one row per run: policy, allocation, keep, every quality metric the benchmark recorded, the
-KV-cache bytes), `<name>.md` (the table, then the allocations' paired differences) and `<name>.png`.
+`<name>.csv` (one row per run: policy, allocation, keep, FID, KID, the paired metrics against the full-cache
+partner that the benchmark recorded, the KV-cache bytes), `<name>_differences.csv` (each non-uniform
+allocation against the uniform one of the same policy and keep), `<name>.md` and `<name>.png`.
 
-Quality metrics are whatever the runs' records hold: FID, precision and recall from `benchmark=demo_fid`;
-KID and the paired metrics against the full-cache partner (`token_agreement`, `psnr`, `fid_difference`, ...
-with `_ci_low` / `_ci_high`) where the benchmark recorded them. Where a record has no paired fields this
-script computes two itself from the run folders, against the full-cache run of the same seed and count:
-`token_agreement` (mean fraction of tokens equal to the full cache's) and `psnr` (dB, from the mean squared
-error to the full cache's images over all samples), each with a 95% percentile bootstrap interval over
-samples (`--replicates`), and for every non-uniform allocation its paired difference from the uniform
-allocation of the same policy and keep (the same resampled samples for both). A difference whose interval
-excludes 0 is marked real (`*`). FID differences carry no interval here (that needs the Inception features
-of every sample: the benchmark's paired metrics).
+Every number comes from the library: the runs' records (lineareval/benchmarks/paired.py) and, for the
+allocation-minus-uniform differences, `metrics.paired.distribution_summary` on the two runs' cached
+Inception features (same samples, so the bootstrap resamples sample indices jointly, exactly as against
+full). A `*` marks a difference whose 95% interval excludes 0.
 """
 
 from __future__ import annotations
@@ -26,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from lineareval.api import config_options, policy_names
 from lineareval.record import load_record
 
-IDENTITY = ("model", "seed", "num_samples")
-QUALITY = ("fid", "precision", "recall", "kid", "token_agreement", "psnr", "ssim", "inception_cosine",
-           "fid_difference", "kid_difference")
-PAIRED = ("token_agreement", "psnr")
+# Against the full-cache partner (recorded by the benchmark), each with `_ci_low` / `_ci_high`
+AGAINST_FULL = ("fid_difference", "kid_difference", "token_agreement", "psnr", "ssim", "inception_cosine")
+DIFFERENCES = ("fid", "kid", "precision")  # allocation minus uniform, paired over samples
 
 
 def finished_runs(root: Path) -> list[tuple[dict, Path]]:
@@ -42,78 +37,51 @@ def finished_runs(root: Path) -> list[tuple[dict, Path]]:
     return [(record, folder) for record, folder in runs if "rows" not in record]
 
 
-def per_sample(folder: Path, partner: Path) -> dict[str, np.ndarray]:
-    """Per sample against the partner's: the fraction of equal tokens and the images' mean squared error."""
-    tokens, theirs = (np.load(path / "tokens.npz")["tokens"] for path in (folder, partner))
-    images, reference = (np.load(path / "samples.npz")["arr_0"].astype(np.float64) for path in (folder, partner))
-    return {"token_agreement": (tokens == theirs).mean(axis=1),
-            "squared_error": ((images - reference) ** 2).reshape(len(images), -1).mean(axis=1)}
-
-
-def psnr(squared_error: np.ndarray) -> np.ndarray:
-    """dB from the mean squared error over samples (the last axis), 255 the peak."""
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(255.0**2 / squared_error.mean(axis=-1))
-
-
-def statistics(samples: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, np.ndarray]:
-    """token_agreement and psnr over the resampled `indices` (R, n) (and the point estimate last)."""
-    return {"token_agreement": samples["token_agreement"][indices].mean(axis=-1),
-            "psnr": psnr(samples["squared_error"][indices])}
-
-
-def interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    tail = 100 * (1 - confidence) / 2
-    return tuple(float(value) for value in np.percentile(values, [tail, 100 - tail]))
-
-
-def quality_table(runs: list[tuple[dict, Path]], replicates: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """One row per run; and the paired differences of each non-uniform allocation from the uniform one."""
-    full = {tuple(record[key] for key in IDENTITY): folder for record, folder in runs if record["cache"] == "full"}
-    rng = np.random.default_rng(seed)
-    rows, samples, resampled = [], {}, {}
-    for record, folder in runs:
-        row = {"policy": record["cache"], "allocation": record.get("budget_allocation", "uniform"),
-               "keep": record["keep"], "budget": record["visual_budget"], "num_samples": record["num_samples"],
-               "layer_budgets": record.get("layer_budgets"), "kv_cache_mib": record["kv_cache_capacity_bytes"] / 2**20,
-               **{key: record[key] for key in record if key.startswith(QUALITY)}, "run_dir": str(folder)}
-        partner = full.get(tuple(record[key] for key in IDENTITY))
-        if record["cache"] != "full" and partner is not None and "token_agreement" not in record:
-            count = record["num_samples"]
-            if count not in resampled:
-                resampled[count] = rng.integers(0, count, size=(replicates, count))
-            samples[folder] = per_sample(folder, partner)
-            point = statistics(samples[folder], np.arange(count))
-            spread = statistics(samples[folder], resampled[count])
-            for name in PAIRED:
-                row[name] = float(point[name])
-                row[f"{name}_ci_low"], row[f"{name}_ci_high"] = interval(spread[name])
-            row["paired_by"] = "allocation_report"
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    return table, allocation_differences(table, samples, resampled)
-
-
-def allocation_differences(table: pd.DataFrame, samples: dict, resampled: dict) -> pd.DataFrame:
-    """Each non-uniform allocation minus the uniform one (same policy and keep), paired over samples."""
+def quality_table(runs: list[tuple[dict, Path]]) -> pd.DataFrame:
+    """One row per run: what its record says, with the allocation and the KV-cache size."""
     rows = []
-    for (policy, keep), group in table[table.policy != "full"].groupby(["policy", "keep"]):
+    for record, folder in runs:
+        rows.append({"policy": record["cache"], "allocation": record.get("budget_allocation", "uniform"),
+                     "decoding": (record.get("decoding") or {}).get("name", "sequential"), "keep": record["keep"],
+                     "seed": record["seed"], "budget": record["visual_budget"], "num_samples": record["num_samples"],
+                     "layer_budgets": record.get("layer_budgets"), "fid": record.get("fid"),
+                     "kid": record.get("kid"), "kid_se": record.get("kid_se"),
+                     **{f"{name}{end}": record.get(f"{name}{end}") for name in AGAINST_FULL
+                        for end in ("", "_ci_low", "_ci_high")},
+                     "partner_reason": record.get("partner_reason"),
+                     "kv_cache_mib": record["kv_cache_capacity_bytes"] / 2**20, "run_dir": str(folder)})
+    return pd.DataFrame(rows)
+
+
+def benchmark_of(run_dir: Path):
+    """The image benchmark that scored `run_dir`, rebuilt from its resolved config.yaml."""
+    from lineareval.config import call_target
+
+    return call_target(OmegaConf.load(run_dir / "config.yaml").benchmark, exclude=("name",))
+
+
+def allocation_differences(table: pd.DataFrame, replicates: int, seed: int) -> pd.DataFrame:
+    """Each non-uniform allocation minus the uniform one of the same policy, keep, seed and decoding."""
+    from lineareval.metrics.bootstrap import BootstrapSettings
+    from lineareval.metrics.paired import distribution_summary
+
+    settings = BootstrapSettings(replicates=replicates, seed=seed)
+    rows = []
+    key = ["policy", "keep", "seed", "decoding", "num_samples"]
+    for values, group in table[table.policy != "full"].groupby(key):
         uniform = group[group.allocation == "uniform"]
+        if uniform.empty:
+            continue
+        base = Path(uniform.run_dir.iloc[0])
+        benchmark = benchmark_of(base)
+        reference = benchmark.reference_statistics_for(base)
+        base_features = benchmark.pool_features(base, "cpu")
         for _, other in group[group.allocation != "uniform"].iterrows():
-            if uniform.empty or Path(other.run_dir) not in samples or Path(uniform.run_dir.iloc[0]) not in samples:
-                continue
-            ours, base = samples[Path(other.run_dir)], samples[Path(uniform.run_dir.iloc[0])]
-            count = len(ours["token_agreement"])
-            row = {"policy": policy, "keep": keep, "allocation": other.allocation,
-                   "fid_difference": other.get("fid", np.nan) - uniform.fid.iloc[0]}
-            for name in PAIRED:
-                whole = np.arange(count)
-                row[name + "_difference"] = float(statistics(ours, whole)[name] - statistics(base, whole)[name])
-                spread = statistics(ours, resampled[count])[name] - statistics(base, resampled[count])[name]
-                low, high = interval(spread)
-                row[f"{name}_difference_ci_low"], row[f"{name}_difference_ci_high"] = low, high
-                row[f"{name}_difference_real"] = bool(low > 0 or high < 0)
-            rows.append(row)
+            features = benchmark.pool_features(Path(other.run_dir), "cpu")
+            summary = distribution_summary(features, reference, settings, base_features)
+            rows.append({**dict(zip(key, values)), "allocation": other.allocation,
+                         **{f"{name}_difference{end}": summary[f"{name}_difference{end}"] for name in DIFFERENCES
+                            for end in ("", "_ci_low", "_ci_high")}})
     return pd.DataFrame(rows)
 
 
@@ -127,41 +95,43 @@ def ordered(table: pd.DataFrame) -> pd.DataFrame:
     return keys.sort_values(["_keep", "_policy", "_allocation"]).drop(columns=["_keep", "_policy", "_allocation"])
 
 
-def markdown(table: pd.DataFrame, differences: pd.DataFrame) -> str:
-    """The runs' table, then the allocations' differences from uniform (a * marks an interval excluding 0)."""
-    def with_interval(row, name: str, digits: int) -> str:
-        if pd.isna(row.get(name, np.nan)):
-            return "-"
-        low, high = row.get(f"{name}_ci_low", np.nan), row.get(f"{name}_ci_high", np.nan)
-        span = "" if pd.isna(low) else f" [{low:.{digits}f}, {high:.{digits}f}]"
-        return f"{row[name]:.{digits}f}{span}"
+def cell(row, name: str, digits: int, difference: bool = False) -> str:
+    """`value [low, high]`, a difference signed with `*` when its interval excludes 0; `-` when absent."""
+    value = row.get(name)
+    if value is None or pd.isna(value):
+        return "-"
+    low, high = row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    sign = "+" if difference else ""
+    if low is None or pd.isna(low):
+        return f"{value:{sign}.{digits}f}"
+    mark = "*" if difference and (low > 0 or high < 0) else ""
+    return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]{mark}"
 
-    lines = ["| keep | policy | allocation | FID | precision | recall | token agreement | PSNR to full (dB) | KV MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+
+def markdown(table: pd.DataFrame, differences: pd.DataFrame) -> str:
+    """The runs' table (against full), then the allocations' differences from uniform."""
+    lines = ["| keep | policy | allocation | FID | KID (se) | FID - full | KID - full | token agreement | "
+             "PSNR to full (dB) | SSIM | Inception cosine | KV MiB |", "|" + "---|" * 12]
     for _, row in table.iterrows():
-        lines.append(f"| {row.keep} | {row.policy} | {row.allocation} | {row.get('fid', np.nan):.1f} | "
-                     f"{row.get('precision', np.nan):.3f} | {row.get('recall', np.nan):.3f} | "
-                     f"{with_interval(row, 'token_agreement', 3)} | {with_interval(row, 'psnr', 2)} | "
-                     f"{row.kv_cache_mib:.1f} |")
+        kid = "-" if pd.isna(row.kid) else f"{row.kid:.4f} ({row.kid_se:.4f})"
+        lines.append(f"| {row.keep} | {row.policy} | {row.allocation} | {row.fid:.2f} | {kid} | "
+                     f"{cell(row, 'fid_difference', 2, True)} | {cell(row, 'kid_difference', 4, True)} | "
+                     f"{cell(row, 'token_agreement', 3)} | {cell(row, 'psnr', 2)} | {cell(row, 'ssim', 3)} | "
+                     f"{cell(row, 'inception_cosine', 3)} | {row.kv_cache_mib:.1f} |")
     if differences.empty:
         return "\n".join(lines) + "\n"
-    lines += ["", "Allocation minus uniform, same policy and keep (paired over samples, 95% bootstrap; * = interval "
-              "excludes 0):", "", "| keep | policy | allocation | FID diff | token agreement diff | PSNR diff (dB) |",
+    lines += ["", "Allocation minus uniform, same policy and keep (paired over samples, 95% percentile bootstrap; "
+              "* = interval excludes 0):", "", "| keep | policy | allocation | FID diff | KID diff | precision diff |",
               "|---|---|---|---|---|---|"]
     for _, row in differences.iterrows():
-        cells = []
-        for name, digits in (("token_agreement", 3), ("psnr", 2)):
-            mark = "*" if row[f"{name}_difference_real"] else ""
-            cells.append(f"{row[name + '_difference']:+.{digits}f}{mark} [{row[name + '_difference_ci_low']:+.{digits}f}, "
-                         f"{row[name + '_difference_ci_high']:+.{digits}f}]")
-        lines.append(f"| {row.keep} | {row.policy} | {row.allocation} | {row.fid_difference:+.1f} | {cells[0]} | "
-                     f"{cells[1]} |")
+        lines.append(f"| {row.keep} | {row.policy} | {row.allocation} | {cell(row, 'fid_difference', 2, True)} | "
+                     f"{cell(row, 'kid_difference', 4, True)} | {cell(row, 'precision_difference', 3, True)} |")
     return "\n".join(lines) + "\n"
 
 
 def figure(table: pd.DataFrame, path: Path) -> None:
-    """Per keep: FID (left) and PSNR to the full cache's samples with 95% intervals (right), by policy and
-    allocation; the full cache's FID as a dashed line."""
+    """Per keep: FID minus full (left) and PSNR to the full cache's samples (right) with their 95%
+    intervals, by policy and allocation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,15 +148,13 @@ def figure(table: pd.DataFrame, path: Path) -> None:
         for offset, allocation in enumerate(allocations):
             runs = at_keep[at_keep.allocation == allocation].set_index("policy").reindex(policies)
             x = np.arange(len(policies)) + (offset - (len(allocations) - 1) / 2) * width
-            row_axes[0].bar(x, runs.get("fid", pd.Series(np.nan, index=runs.index)), width, label=allocation)
-            if "psnr" in runs:
-                errors = np.vstack([runs.psnr - runs.get("psnr_ci_low", runs.psnr),
-                                    runs.get("psnr_ci_high", runs.psnr) - runs.psnr])
-                row_axes[1].bar(x, runs.psnr, width, yerr=errors, capsize=2, label=allocation)
-        full = table[table.policy == "full"]
-        if not full.empty and "fid" in full:
-            row_axes[0].axhline(float(full.fid.iloc[0]), color="black", linestyle="--", label="full")
-        for axis, title in zip(row_axes, ("FID (lower is better)", "PSNR to the full cache's samples, dB")):
+            for axis, name in zip(row_axes, ("fid_difference", "psnr")):
+                value = runs[name].astype(float)
+                errors = np.vstack([value - runs[f"{name}_ci_low"].astype(float),
+                                    runs[f"{name}_ci_high"].astype(float) - value])
+                axis.bar(x, value, width, yerr=np.nan_to_num(errors), capsize=2, label=allocation)
+        row_axes[0].axhline(0.0, color="black", linewidth=0.8)
+        for axis, title in zip(row_axes, ("FID minus full (lower is better)", "PSNR to the full cache's samples, dB")):
             axis.set_xticks(np.arange(len(policies)), policies)
             axis.set_title(f"keep {keep}: {title}")
         row_axes[0].legend(fontsize=8)
@@ -206,8 +174,8 @@ def main() -> None:
     runs = finished_runs(args.root)
     if not runs:
         raise SystemExit(f"no finished runs (metrics.json) under {args.root}")
-    table, differences = quality_table(runs, args.replicates, args.seed)
-    table = ordered(table)
+    table = ordered(quality_table(runs))
+    differences = allocation_differences(table, args.replicates, args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     table.drop(columns=["run_dir"]).to_csv(args.out / f"{args.name}.csv", index=False)
     if not differences.empty:

@@ -188,64 +188,54 @@ def test_the_efficiency_benchmark_measures_rows_under_each_allocation(make_confi
     assert h2o["adaptive_heads"]["kv_cache_capacity_bytes"] > h2o["uniform"]["kv_cache_capacity_bytes"]
 
 
-def test_the_report_pairs_each_run_with_the_full_cache_and_each_allocation_with_uniform(tmp_path, monkeypatch):
-    """scripts/allocation_report.py on run folders with known contents: token agreement 0.75 and a squared error
-    of 100 (PSNR 10 log10(255^2 / 100)) for uniform and pyramid alike (difference exactly 0, not real);
-    adaptive_heads' error of 400 in half the samples and 0 in the others -> pooled PSNR 10 log10(255^2 / 200),
-    3.01 dB below uniform, an interval excluding 0. The records' own paired fields, when present, are kept."""
+def test_the_report_shows_the_paired_fields_and_pairs_each_allocation_with_uniform(make_config, tmp_path):
+    """scripts/allocation_report.py on real demo runs: each row carries its record's paired fields against the
+    full cache; window (which keeps the same positions in every head) samples exactly the same images under
+    adaptive_heads as under uniform, so that difference is exactly 0 with a zero-width interval; linear's
+    pyramid-minus-uniform FID difference is the difference of the two records' FIDs (rounding apart). At keep 1/4
+    (64 of 16 x 16 tokens) LineAR has 32 tokens above its protected anchor and recent lines to spread; at 1/8 it
+    has none and pyramid samples what uniform does."""
     import importlib.util
-    import json
+    import math
     import sys
 
     import numpy as np
 
+    from lineareval.runner import run
+
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("allocation_report", root / "scripts" / "allocation_report.py")
     report = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "allocation_report", report)
+    sys.modules["allocation_report"] = report
     spec.loader.exec_module(report)
-
-    rng = np.random.default_rng(0)
-    count, tokens = 40, rng.integers(0, 100, (40, 16))
-    images = rng.integers(30, 200, (count, 8, 8, 3)).astype(np.uint8)
-    changed = tokens.copy()
-    changed[:, :4] += 1  # a quarter of every sample's tokens differ
-    shifted = {10: images + 10, 20: images + 20}
-    adaptive = np.where(np.arange(count)[:, None, None, None] % 2 == 0, images + 20, images)
-
-    def write(name: str, cache: str, keep: str, allocation: str, run_tokens, run_images, **extra):
-        folder = tmp_path / name
-        folder.mkdir()
-        record = {"model": "demo", "seed": 0, "num_samples": count, "cache": cache, "keep": keep,
-                  "budget_allocation": allocation, "visual_budget": 256 if cache == "full" else 32,
-                  "kv_cache_capacity_bytes": 2**20, "fid": 100.0 + len(name), "precision": 0.5, "recall": 0.5, **extra}
-        (folder / "metrics.json").write_text(json.dumps(record))
-        np.savez(folder / "tokens.npz", tokens=run_tokens, labels=np.zeros(count, dtype=int))
-        np.savez(folder / "samples.npz", arr_0=run_images)
-
-    write("full", "full", "1", "uniform", tokens, images)
-    write("uniform", "linear", "1/8", "uniform", changed, shifted[10])
-    write("pyramid", "linear", "1/8", "pyramid", changed, shifted[10])
-    write("adaptive", "linear", "1/8", "adaptive_heads", changed, adaptive)
-    write("paired", "h2o", "1/8", "uniform", tokens, images, token_agreement=0.9, token_agreement_ci_low=0.8,
-          token_agreement_ci_high=1.0)
-    table, differences = report.quality_table(report.finished_runs(tmp_path), replicates=200, seed=0)
-    table = report.ordered(table).set_index("run_dir")
-    row = table.loc[str(tmp_path / "uniform")]
-    assert row.token_agreement == 0.75 and row.psnr == pytest.approx(10 * np.log10(255**2 / 100))
-    assert row.psnr_ci_low == row.psnr_ci_high == row.psnr  # every sample has the same error
-    assert table.loc[str(tmp_path / "paired")].token_agreement == 0.9  # the record's own paired fields
-    assert list(table.policy) == ["full", "h2o", "linear", "linear", "linear"]  # conf/cache/ order
-    assert list(table.allocation)[2:] == ["uniform", "adaptive_heads", "pyramid"]
-    by_allocation = differences.set_index("allocation")
-    assert by_allocation.loc["pyramid", "psnr_difference"] == 0 and not by_allocation.loc[
-        "pyramid", "psnr_difference_real"]
-    adaptive_row = by_allocation.loc["adaptive_heads"]
-    assert adaptive_row.psnr_difference == pytest.approx(10 * np.log10(100 / 200))
-    assert adaptive_row.psnr_difference_real and adaptive_row.psnr_difference_ci_high < 0
-    text = report.markdown(table.reset_index(), differences)
-    assert "| 1/8 | linear | adaptive_heads |" in text and "-3.01*" in text
-    report.figure(table.reset_index(), tmp_path / "figure.png")
+    tiny = ("model=demo", "benchmark=demo_fid", "num_samples=6", "batch_size=6", "benchmark.reference_count=10",
+            "paired.replicates=100")
+    records = {}
+    for cache, keep, allocation in [("full", "1", "uniform"), ("window", "1/4", "uniform"),
+                                    ("window", "1/4", "adaptive_heads"), ("linear", "1/4", "uniform"),
+                                    ("linear", "1/4", "pyramid")]:
+        records[cache, allocation] = run(make_config(*tiny, f"cache={cache}", f"keep={keep}",
+                                                     f"budget_allocation={allocation}"))
+    table = report.ordered(report.quality_table(report.finished_runs(tmp_path)))
+    order = [name for name in CACHE_CONFIGS if name in ("full", "linear", "window")]  # conf/cache/, full first
+    assert list(zip(table.policy, table.allocation)) == [
+        (name, allocation) for name in sorted(order, key=lambda name: name != "full")
+        for allocation in {"full": ["uniform"], "window": ["uniform", "adaptive_heads"],
+                           "linear": ["uniform", "pyramid"]}[name]]
+    pyramid = table[(table.policy == "linear") & (table.allocation == "pyramid")].iloc[0]
+    assert pyramid.fid_difference == records["linear", "pyramid"]["fid_difference"]
+    assert pyramid.token_agreement == records["linear", "pyramid"]["token_agreement"] < 1
+    differences = report.allocation_differences(table, replicates=100, seed=0).set_index(["policy", "allocation"])
+    window = differences.loc["window", "adaptive_heads"]
+    assert window.fid_difference == window.fid_difference_ci_low == window.fid_difference_ci_high == 0.0
+    linear = differences.loc["linear", "pyramid"]
+    fids = records["linear", "pyramid"]["fid"], records["linear", "uniform"]["fid"]
+    rounding = 8 * math.sqrt(6 * np.finfo(float).eps * max(fids))  # as in tests/test_paired.py, two runs
+    assert linear.fid_difference == pytest.approx(fids[0] - fids[1], rel=0, abs=rounding) and fids[0] != fids[1]
+    assert linear.fid_difference_ci_low <= linear.fid_difference <= linear.fid_difference_ci_high
+    text = report.markdown(table, differences.reset_index())
+    assert "| 1/4 | window | adaptive_heads |" in text and "| 1/4 | linear | pyramid |" in text
+    report.figure(table, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 1000
 
 
