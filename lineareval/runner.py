@@ -46,6 +46,9 @@ from lineareval.runfolder import RunConflictError, RunInterrupted
 from lineareval.runlock import RunLockedError
 
 log = logging.getLogger(__name__)
+# A decoding method's per-image statistics in a shard's cost, averaged over images into the record (those every
+# shard has: draft_acceptance is the speculative methods' alone)
+DECODING_STATS = ("decode_passes_per_image", "tokens_per_pass", "draft_acceptance")
 
 __all__ = ["RunConflictError", "RunInterrupted", "RunLockedError", "StorageError", "run"]
 
@@ -275,7 +278,7 @@ def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fi
     worst = {key: max(cost[key] for cost in costs)
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
     sizes = [shard.size for shard in plan]
-    passes = {key: sum(cost.get(key, 0.0) * size for cost, size in zip(costs, sizes)) / len(samples)
-              for key in ("decode_passes_per_image", "tokens_per_pass")}  # means over images (old shards: 0)
+    passes = {key: sum(cost[key] * size for cost, size in zip(costs, sizes)) / len(samples)
+              for key in DECODING_STATS if all(key in cost for cost in costs)}  # means over images
     return {"peak_memory_method": costs[0]["peak_memory_method"], **worst, "latency_s_per_batch": total_time / len(costs),
             "generation_time_s": total_time, "images_per_s": len(samples) / total_time, "decoding_stats": passes}

@@ -210,3 +210,22 @@ def test_per_step_policies_with_commit_eviction_follow_the_chunk_semantics(make_
     torch.testing.assert_close(logits, oracle, **roundoff_tolerance(oracle, llamagen_depth(model)))
     # windows ran past per-step evictions: chunks begun with the budget full committed several tokens
     assert any(int(counts.max()) > 1 for _, _, first, _, counts in chunks if int(first.min()) >= budget)
+
+
+def test_drafts_from_the_target_distribution_are_all_accepted(make_config):
+    """At a huge temperature p is uniform over the vocabulary, as the random drafts' q is: every draft is
+    accepted (p / q = 1 up to rounding), so each pass commits a whole window and the record says so; at the
+    model's temperature some are rejected. Sequential decoding records no acceptance."""
+    from lineareval.runner import run
+
+    base = ("weights=random", "num_samples=2", "batch_size=2", "decode_images=false", "cache=full", "keep=1",
+            "sampling.top_k=0", "sampling.top_p=1.0", "decoding=sjd", "decoding.window=8")
+    uniform = run(make_config(*base, "sampling.temperature=1e6"))
+    assert uniform["draft_acceptance"] > 0.99 and uniform["tokens_per_pass"] > 7
+    model = run(make_config(*base))
+    assert 0 < model["draft_acceptance"] < 1
+    sequential = run(make_config(*base[:-2]))
+    assert "draft_acceptance" not in sequential
+    # each of the N - 1 decoded tokens was a judged draft and a pass ends at most one with a rejection
+    decoded = sequential["decode_passes_per_image"]
+    assert model["decode_passes_per_image"] >= (1 - model["draft_acceptance"]) * decoded - 1e-9

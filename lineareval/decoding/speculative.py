@@ -121,6 +121,7 @@ class JacobiState:
         self.point = torch.zeros(batch, method.window, dtype=torch.bool, device=device)
         self.iteration = 0
         self.finished_at = np.zeros(batch, dtype=np.int64)
+        self.rejections = np.zeros(batch, dtype=np.int64)  # drafts rejected (each replaced by a residual draw)
         allowed = torch.isfinite(decoder.family.constrain(torch.zeros(1, run.vocab, device=device)))[0]
         self.uniform = allowed.float() / allowed.sum()
         self.forced = torch.tensor([-1 if decoder.family.forced(index) is None else decoder.family.forced(index)
@@ -165,6 +166,7 @@ class JacobiState:
             if bool(rejected[image]):
                 run.tokens[image, first + take] = resampled[image]
                 take += 1
+                self.rejections[image] += 1
             self.committed[image] += take
             if self.committed[image] >= run.num_visual:
                 self.finished_at[image] = self.iteration + 1
@@ -273,8 +275,12 @@ class JacobiState:
         self.proposals[images, slots] = p[images, columns]
 
     def statistics(self) -> dict:
-        """Forward passes per image (its iterations; the prefill is not counted) and tokens per pass."""
-        iterations = self.finished_at.astype(float)
+        """Forward passes per image (its iterations; the prefill is not counted), tokens per pass, and the
+        drafts' acceptance rate: every one of an image's N - 1 decoded tokens is a judged draft, accepted or
+        rejected (and replaced by a residual draw), so the rate is 1 - rejections / (N - 1); forced tokens
+        count as accepted drafts."""
+        iterations, decoded = self.finished_at.astype(float), self.run.num_visual - 1
         return {"decode_passes_per_image": float(iterations.mean()),
-                "tokens_per_pass": float(((self.run.num_visual - 1) / iterations).mean()),
+                "tokens_per_pass": float((decoded / iterations).mean()),
+                "draft_acceptance": float((1 - self.rejections / decoded).mean()),
                 "decode_passes_batch": int(self.iteration)}
