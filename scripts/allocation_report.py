@@ -1,12 +1,18 @@
 """The quality table of the budget allocations: every policy x allocation x keep against the full cache.
 
     python scripts/allocation_report.py outputs/demo_fid/demo [--out results] [--name demo_allocations]
+    python scripts/allocation_report.py ROOT --compare decoding   # each decoding method against sequential
 
 Reads every finished run (metrics.json) under the folder, as `make allocations` writes them (conf/experiment/
 allocations.yaml: the trained demo model, 400 samples, the same seeds under every policy), and writes
 `<name>.csv` (one row per run: policy, allocation, keep, FID, KID, the paired metrics against the full-cache
 partner that the benchmark recorded, the KV-cache bytes), `<name>_differences.csv` (each non-uniform
-allocation against the uniform one of the same policy and keep), `<name>.md` and `<name>.png`.
+allocation against the uniform one of the same policy and keep), `<name>.md` and `<name>.png`. With
+`--compare decoding` the differences are each decoding method's (SJD, SJD++, GSD) against sequential decoding
+of the same policy, keep and allocation, and the table adds forward passes per image, tokens per pass, the
+drafts' acceptance rate and images/s. Sample i of two decoding methods has the same class but independent
+draws; pairs (i) are still independent across i, so resampling indices jointly remains a valid bootstrap of
+the difference (the pairing then only removes the class-mix noise).
 
 Every number comes from the library: the runs' records (lineareval/benchmarks/paired.py) and, for the
 allocation-minus-uniform differences, `metrics.paired.distribution_summary` on the two runs' cached
@@ -23,12 +29,13 @@ import numpy as np
 import pandas as pd
 from omegaconf import OmegaConf
 
-from lineareval.api import config_options, policy_names
+from lineareval.api import config_options
 from lineareval.record import load_record
 
 # Against the full-cache partner (recorded by the benchmark), each with `_ci_low` / `_ci_high`
 AGAINST_FULL = ("fid_difference", "kid_difference", "token_agreement", "psnr", "ssim", "inception_cosine")
-DIFFERENCES = ("fid", "kid", "precision")  # allocation minus uniform, paired over samples
+DIFFERENCES = ("fid", "kid", "precision")  # variant minus base, paired over samples
+COMPARED = {"allocation": "uniform", "decoding": "sequential"}  # --compare: column -> its base value
 
 
 def finished_runs(root: Path) -> list[tuple[dict, Path]]:
@@ -49,6 +56,8 @@ def quality_table(runs: list[tuple[dict, Path]]) -> pd.DataFrame:
                      **{f"{name}{end}": record.get(f"{name}{end}") for name in AGAINST_FULL
                         for end in ("", "_ci_low", "_ci_high")},
                      "partner_reason": record.get("partner_reason"),
+                     **{key: record.get(key) for key in ("decode_passes_per_image", "tokens_per_pass",
+                                                         "draft_acceptance", "images_per_s")},
                      "kv_cache_mib": record["kv_cache_capacity_bytes"] / 2**20, "run_dir": str(folder)})
     return pd.DataFrame(rows)
 
@@ -60,39 +69,45 @@ def benchmark_of(run_dir: Path):
     return call_target(OmegaConf.load(run_dir / "config.yaml").benchmark, exclude=("name",))
 
 
-def allocation_differences(table: pd.DataFrame, replicates: int, seed: int) -> pd.DataFrame:
-    """Each non-uniform allocation minus the uniform one of the same policy, keep, seed and decoding."""
+def variant_differences(table: pd.DataFrame, replicates: int, seed: int, compare: str = "allocation"
+                        ) -> pd.DataFrame:
+    """Each run minus the run of the base value of `compare` (uniform allocation, sequential decoding) of the
+    same policy, keep, seed, sample count and the other compared column."""
     from lineareval.metrics.bootstrap import BootstrapSettings
     from lineareval.metrics.paired import distribution_summary
 
     settings = BootstrapSettings(replicates=replicates, seed=seed)
-    rows = []
-    key = ["policy", "keep", "seed", "decoding", "num_samples"]
-    for values, group in table[table.policy != "full"].groupby(key):
-        uniform = group[group.allocation == "uniform"]
-        if uniform.empty:
+    base_value, rows = COMPARED[compare], []
+    key = ["policy", "keep", "seed", "num_samples", *(column for column in COMPARED if column != compare)]
+    for values, group in table.groupby(key):
+        base = group[group[compare] == base_value]
+        if base.empty or len(group) == 1:
             continue
-        base = Path(uniform.run_dir.iloc[0])
-        benchmark = benchmark_of(base)
-        reference = benchmark.reference_statistics_for(base)
-        base_features = benchmark.pool_features(base, "cpu")
-        for _, other in group[group.allocation != "uniform"].iterrows():
+        base_dir = Path(base.run_dir.iloc[0])
+        benchmark = benchmark_of(base_dir)
+        reference = benchmark.reference_statistics_for(base_dir)
+        base_features = benchmark.pool_features(base_dir, "cpu")
+        for _, other in group[group[compare] != base_value].iterrows():
             features = benchmark.pool_features(Path(other.run_dir), "cpu")
             summary = distribution_summary(features, reference, settings, base_features)
-            rows.append({**dict(zip(key, values)), "allocation": other.allocation,
+            rows.append({**dict(zip(key, values)), compare: other[compare],
                          **{f"{name}_difference{end}": summary[f"{name}_difference{end}"] for name in DIFFERENCES
                             for end in ("", "_ci_low", "_ci_high")}})
     return pd.DataFrame(rows)
 
 
 def ordered(table: pd.DataFrame) -> pd.DataFrame:
-    """Rows by keep (largest first), policy (conf/cache/ order) and allocation (conf/budget_allocation/ order)."""
-    policies = {name: index for index, name in enumerate(policy_names())}
-    allocations = {name: index for index, name in enumerate(
-        sorted(config_options("budget_allocation"), key=lambda name: (name != "uniform", name)))}
-    keys = table.assign(_keep=-table.budget, _policy=table.policy.map(policies), _allocation=table.allocation.map(
-        allocations))
-    return keys.sort_values(["_keep", "_policy", "_allocation"]).drop(columns=["_keep", "_policy", "_allocation"])
+    """Rows by keep (largest first), policy (conf/cache/ order), allocation and decoding (their config
+    groups' order, the base first)."""
+    def rank(group: str, base: str) -> dict[str, int]:
+        return {name: index for index, name in enumerate(sorted(config_options(group),
+                                                                 key=lambda name: (name != base, name)))}
+
+    keys = table.assign(_keep=-table.budget, _policy=table.policy.map(rank("cache", "full")),
+                        _allocation=table.allocation.map(rank("budget_allocation", "uniform")),
+                        _decoding=table.decoding.map(rank("decoding", "sequential")))
+    columns = ["_keep", "_policy", "_allocation", "_decoding"]
+    return keys.sort_values(columns).drop(columns=columns)
 
 
 def cell(row, name: str, digits: int, difference: bool = False) -> str:
@@ -108,30 +123,37 @@ def cell(row, name: str, digits: int, difference: bool = False) -> str:
     return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]{mark}"
 
 
-def markdown(table: pd.DataFrame, differences: pd.DataFrame) -> str:
-    """The runs' table (against full), then the allocations' differences from uniform."""
-    lines = ["| keep | policy | allocation | FID | KID (se) | FID - full | KID - full | token agreement | "
-             "PSNR to full (dB) | SSIM | Inception cosine | KV MiB |", "|" + "---|" * 12]
+def markdown(table: pd.DataFrame, differences: pd.DataFrame, compare: str = "allocation") -> str:
+    """The runs' table (against their full-cache partner), then each variant's differences from its base."""
+    decoding = compare == "decoding"
+    header = ["keep", "policy", "allocation", *(["decoding", "passes / image", "tokens / pass", "acceptance",
+                                                 "images/s"] if decoding else []),
+              "FID", "KID (se)", "FID - full", "KID - full", "token agreement", "PSNR to full (dB)", "SSIM",
+              "Inception cosine", "KV MiB"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in table.iterrows():
         kid = "-" if pd.isna(row.kid) else f"{row.kid:.4f} ({row.kid_se:.4f})"
-        lines.append(f"| {row.keep} | {row.policy} | {row.allocation} | {row.fid:.2f} | {kid} | "
-                     f"{cell(row, 'fid_difference', 2, True)} | {cell(row, 'kid_difference', 4, True)} | "
-                     f"{cell(row, 'token_agreement', 3)} | {cell(row, 'psnr', 2)} | {cell(row, 'ssim', 3)} | "
-                     f"{cell(row, 'inception_cosine', 3)} | {row.kv_cache_mib:.1f} |")
+        method = [row.decoding, cell(row, "decode_passes_per_image", 1), cell(row, "tokens_per_pass", 2),
+                  cell(row, "draft_acceptance", 3), cell(row, "images_per_s", 2)] if decoding else []
+        cells = [row.keep, row.policy, row.allocation, *method, f"{row.fid:.2f}", kid,
+                 cell(row, "fid_difference", 2, True), cell(row, "kid_difference", 4, True),
+                 cell(row, "token_agreement", 3), cell(row, "psnr", 2), cell(row, "ssim", 3),
+                 cell(row, "inception_cosine", 3), f"{row.kv_cache_mib:.1f}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     if differences.empty:
         return "\n".join(lines) + "\n"
-    lines += ["", "Allocation minus uniform, same policy and keep (paired over samples, 95% percentile bootstrap; "
-              "* = interval excludes 0):", "", "| keep | policy | allocation | FID diff | KID diff | precision diff |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", f"{compare.capitalize()} minus {COMPARED[compare]}, same policy and keep (paired over sample "
+              "indices, 95% percentile bootstrap; * = interval excludes 0):", "",
+              f"| keep | policy | {compare} | FID diff | KID diff | precision diff |", "|---|---|---|---|---|---|"]
     for _, row in differences.iterrows():
-        lines.append(f"| {row.keep} | {row.policy} | {row.allocation} | {cell(row, 'fid_difference', 2, True)} | "
+        lines.append(f"| {row.keep} | {row.policy} | {row[compare]} | {cell(row, 'fid_difference', 2, True)} | "
                      f"{cell(row, 'kid_difference', 4, True)} | {cell(row, 'precision_difference', 3, True)} |")
     return "\n".join(lines) + "\n"
 
 
-def figure(table: pd.DataFrame, path: Path) -> None:
+def figure(table: pd.DataFrame, path: Path, compare: str = "allocation") -> None:
     """Per keep: FID minus full (left) and PSNR to the full cache's samples (right) with their 95%
-    intervals, by policy and allocation."""
+    intervals, by policy and allocation (or decoding)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,14 +161,14 @@ def figure(table: pd.DataFrame, path: Path) -> None:
 
     compressed = table[table.policy != "full"]
     keeps = list(dict.fromkeys(compressed.keep))
-    allocations = list(dict.fromkeys(compressed.allocation))
+    allocations = list(dict.fromkeys(compressed[compare]))
     fig, axes = plt.subplots(len(keeps), 2, figsize=(12, 3.6 * len(keeps)), squeeze=False)
     width = 0.8 / max(len(allocations), 1)
     for row_axes, keep in zip(axes, keeps):
         at_keep = compressed[compressed.keep == keep]
         policies = list(dict.fromkeys(at_keep.policy))
         for offset, allocation in enumerate(allocations):
-            runs = at_keep[at_keep.allocation == allocation].set_index("policy").reindex(policies)
+            runs = at_keep[at_keep[compare] == allocation].set_index("policy").reindex(policies)
             x = np.arange(len(policies)) + (offset - (len(allocations) - 1) / 2) * width
             for axis, name in zip(row_axes, ("fid_difference", "psnr")):
                 value = runs[name].astype(float)
@@ -167,7 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="the runs' folder, e.g. outputs/demo_fid/demo")
     parser.add_argument("--out", type=Path, default=Path("results"))
-    parser.add_argument("--name", default="demo_allocations")
+    parser.add_argument("--compare", choices=sorted(COMPARED), default="allocation",
+                        help="the column whose values are compared with its base (uniform, sequential)")
+    parser.add_argument("--name", help="of the files written (default: demo_allocations or demo_decodings)")
     parser.add_argument("--replicates", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -175,14 +199,15 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"no finished runs (metrics.json) under {args.root}")
     table = ordered(quality_table(runs))
-    differences = allocation_differences(table, args.replicates, args.seed)
+    differences = variant_differences(table, args.replicates, args.seed, args.compare)
+    args.name = args.name or {"allocation": "demo_allocations", "decoding": "demo_decodings"}[args.compare]
     args.out.mkdir(parents=True, exist_ok=True)
     table.drop(columns=["run_dir"]).to_csv(args.out / f"{args.name}.csv", index=False)
     if not differences.empty:
         differences.to_csv(args.out / f"{args.name}_differences.csv", index=False)
-    text = markdown(table, differences)
+    text = markdown(table, differences, args.compare)
     (args.out / f"{args.name}.md").write_text(text)
-    figure(table, args.out / f"{args.name}.png")
+    figure(table, args.out / f"{args.name}.png", args.compare)
     print(text)
 
 

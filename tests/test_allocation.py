@@ -225,7 +225,7 @@ def test_the_report_shows_the_paired_fields_and_pairs_each_allocation_with_unifo
     pyramid = table[(table.policy == "linear") & (table.allocation == "pyramid")].iloc[0]
     assert pyramid.fid_difference == records["linear", "pyramid"]["fid_difference"]
     assert pyramid.token_agreement == records["linear", "pyramid"]["token_agreement"] < 1
-    differences = report.allocation_differences(table, replicates=100, seed=0).set_index(["policy", "allocation"])
+    differences = report.variant_differences(table, replicates=100, seed=0).set_index(["policy", "allocation"])
     window = differences.loc["window", "adaptive_heads"]
     assert window.fid_difference == window.fid_difference_ci_low == window.fid_difference_ci_high == 0.0
     linear = differences.loc["linear", "pyramid"]
