@@ -25,14 +25,19 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import OmegaConf
 
+from lineareval.identity import digest
 from lineareval.record import load_record
+from lineareval.runfolder import IDENTITY_FILE
 
 QUALITY_METRICS = ("fid", "fid_adm_stats", "precision", "recall", "inception_score_mean", "clip_score", "dpg_score",
                    "dpg_entity", "dpg_attribute", "dpg_relation", "dpg_global", "dpg_other", "kid")
 # Against the full-cache partner of the same samples (lineareval/benchmarks/paired.py)
 PAIRED_METRICS = ("fid_difference", "kid_difference", "precision_difference", "recall_difference", "token_agreement",
                   "first_difference", "identical_samples", "psnr", "ssim", "inception_cosine")
-SEED_KEYS = ["benchmark", "model", "cache", "keep", "policy", "num_samples", "weights", "metric"]
+# A seed aggregate is over runs equal in everything but the seed: the readable keys and `setting`, a digest of
+# the run's identity.json config without its seed (sampling, decoding, allocation, model, benchmark, ...)
+SEED_KEYS = ["benchmark", "model", "cache", "keep", "policy", "budget_allocation", "decoding", "num_samples",
+             "weights", "setting", "metric"]
 PAPER = Path(__file__).resolve().parents[1] / "results" / "paper"
 
 
@@ -45,7 +50,7 @@ def collect(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
         if "rows" in record:
             efficiency += [{**row, "peak_memory_gb": row["peak_memory_bytes"] / 1e9, **origin} for row in record["rows"]]
             continue
-        quality += quality_rows(record, config.benchmark.name, origin)
+        quality += quality_rows(record, config.benchmark.name, {**origin, "setting": setting(path.parent)})
     efficiency_table = pd.concat([pd.DataFrame(efficiency), pd.read_csv(PAPER / "efficiency.csv", dtype={"keep": str})])
     quality_table = pd.concat([pd.DataFrame(quality), pd.read_csv(PAPER / "quality.csv", dtype={"keep": str})])
     return efficiency_table, quality_table
@@ -55,11 +60,21 @@ def quality_rows(record: dict, benchmark: str, origin: dict) -> list[dict]:
     """One row per quality metric the record holds, with its interval or standard error where it has one."""
     run = {"benchmark": benchmark, "model": record["model"], "cache": record["cache"], "keep": record["keep"],
            "policy": json.dumps(record.get("policy"), sort_keys=True), "seed": record.get("seed"),
-           "num_samples": record["num_samples"]}
+           "budget_allocation": record.get("budget_allocation", "uniform"),
+           "decoding": (record.get("decoding") or {}).get("name", "sequential"), "num_samples": record["num_samples"]}
     return [{**run, "metric": metric, "value": record[metric], "ci_low": record.get(f"{metric}_ci_low"),
              "ci_high": record.get(f"{metric}_ci_high"), "se": record.get(f"{metric}_se"),
              "confidence": record.get("bootstrap_confidence") if f"{metric}_ci_low" in record else None, **origin}
             for metric in QUALITY_METRICS + PAIRED_METRICS if record.get(metric) is not None]
+
+
+def setting(run_dir: Path) -> str:
+    """A digest of what sampled the run but its seed (identity.json's config); "" for runs without one."""
+    path = run_dir / IDENTITY_FILE
+    if not path.is_file():
+        return ""
+    config = {key: value for key, value in json.loads(path.read_text())["config"].items() if key != "seed"}
+    return digest(config, 8)
 
 
 def seed_spread(quality: pd.DataFrame) -> pd.DataFrame:
@@ -67,7 +82,7 @@ def seed_spread(quality: pd.DataFrame) -> pd.DataFrame:
     ours = quality[quality.source == "ours"] if "source" in quality else quality.iloc[:0]
     if ours.empty:
         return pd.DataFrame(columns=[*SEED_KEYS, "mean", "std", "min", "max", "seeds"])
-    ours = ours.assign(weights=ours.weights.fillna(""), policy=ours.policy.fillna(""))
+    ours = ours.assign(**{key: ours[key].fillna("") for key in ("weights", "policy", "setting")})
     grouped = ours.groupby(SEED_KEYS, sort=False, dropna=False)
     table = grouped.value.agg(["mean", "std", "min", "max"]).join(grouped.seed.nunique().rename("seeds"))
     return table.reset_index()

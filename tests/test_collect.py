@@ -78,3 +78,28 @@ def test_collect_keeps_intervals_and_aggregates_seeds(tmp_path):
     assert spread.loc["fid", "seeds"] == 3 and spread.loc["fid", "mean"] == 13.0
     assert spread.loc["fid", "std"] == pytest.approx(np.std(list(fids.values()), ddof=1), rel=1e-12)
     assert spread.loc["psnr", "mean"] == np.inf and len(spread) == 4  # fid, kid, fid_difference, psnr
+
+
+def test_seed_aggregates_never_mix_configurations(tmp_path):
+    """Runs of one seed that differ in anything but the seed (an allocation, a decoding method, a sampling
+    setting of identity.json) are separate rows of quality_seeds.csv, each over its own seeds."""
+    collect_script = load_collect()
+    variants = {"uniform": ({}, {}), "pyramid": ({"budget_allocation": "pyramid"}, {}),
+                "sjd": ({"decoding": {"name": "sjd", "window": 16}}, {}),
+                "cfg2": ({}, {"sampling": {"cfg_scale": 2.0}})}
+    for name, (extra, identity_extra) in variants.items():
+        for seed in (0, 1):
+            folder = tmp_path / "outputs" / name / f"seed-{seed}"
+            folder.mkdir(parents=True)
+            (folder / "config.yaml").write_text("benchmark:\n  name: demo_fid\n")
+            identity = {"config": {"seed": seed, "sampling": {"cfg_scale": 1.75}, **identity_extra}}
+            (folder / "identity.json").write_text(json.dumps(identity))
+            record = {"model": "demo", "cache": "linear", "keep": "1/4", "seed": seed, "num_samples": 400,
+                      "weights": "checkpoint", "policy": {"anchors": "line"}, "fid": 10.0 + seed + len(name),
+                      **extra}
+            (folder / "metrics.json").write_text(json.dumps(record))
+    _, quality = collect_script.collect([tmp_path / "outputs"])
+    spread = collect_script.seed_spread(quality)
+    assert len(spread) == 4 and set(spread.seeds) == {2}
+    assert set(spread.budget_allocation) == {"uniform", "pyramid"} and set(spread.decoding) == {"sequential", "sjd"}
+    assert sorted(spread["mean"]) == sorted(10.5 + len(name) for name in variants)
