@@ -2,6 +2,7 @@
 
     python scripts/allocation_report.py outputs/demo_fid/demo [--out results] [--name demo_allocations]
     python scripts/allocation_report.py ROOT --compare decoding   # each decoding method against sequential
+    python scripts/allocation_report.py ROOT --compare policy     # each policy against LineAR, same keep
 
 Reads every finished run (metrics.json) under the folder, as `make allocations` writes them (conf/experiment/
 allocations.yaml: the trained demo model, 400 samples, the same seeds under every policy), and writes
@@ -35,7 +36,8 @@ from lineareval.record import load_record
 # Against the full-cache partner (recorded by the benchmark), each with `_ci_low` / `_ci_high`
 AGAINST_FULL = ("fid_difference", "kid_difference", "token_agreement", "psnr", "ssim", "inception_cosine")
 DIFFERENCES = ("fid", "kid", "precision")  # variant minus base, paired over samples
-COMPARED = {"allocation": "uniform", "decoding": "sequential"}  # --compare: column -> its base value
+# --compare: column -> its base value (policy: every policy against LineAR at the same keep)
+COMPARED = {"allocation": "uniform", "decoding": "sequential", "policy": "linear"}
 
 
 def finished_runs(root: Path) -> list[tuple[dict, Path]]:
@@ -78,7 +80,7 @@ def variant_differences(table: pd.DataFrame, replicates: int, seed: int, compare
 
     settings = BootstrapSettings(replicates=replicates, seed=seed)
     base_value, rows = COMPARED[compare], []
-    key = ["policy", "keep", "seed", "num_samples", *(column for column in COMPARED if column != compare)]
+    key = [column for column in ("policy", "keep", "seed", "num_samples", "allocation", "decoding") if column != compare]
     for values, group in table.groupby(key):
         base = group[group[compare] == base_value]
         if base.empty or len(group) == 1:
@@ -142,12 +144,15 @@ def markdown(table: pd.DataFrame, differences: pd.DataFrame, compare: str = "all
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if differences.empty:
         return "\n".join(lines) + "\n"
-    lines += ["", f"{compare.capitalize()} minus {COMPARED[compare]}, same policy and keep (paired over sample "
-              "indices, 95% percentile bootstrap; * = interval excludes 0):", "",
-              f"| keep | policy | {compare} | FID diff | KID diff | precision diff |", "|---|---|---|---|---|---|"]
+    same = [column for column in ("keep", "policy", "allocation", "decoding") if column != compare]
+    lines += ["", f"Each {compare} minus {COMPARED[compare]}, same {', '.join(same)} (paired over sample indices, "
+              "95% percentile bootstrap; * = interval excludes 0):", "",
+              "| " + " | ".join([*same, compare, "FID diff", "KID diff", "precision diff"]) + " |",
+              "|" + "---|" * (len(same) + 4)]
     for _, row in differences.iterrows():
-        lines.append(f"| {row.keep} | {row.policy} | {row[compare]} | {cell(row, 'fid_difference', 2, True)} | "
-                     f"{cell(row, 'kid_difference', 4, True)} | {cell(row, 'precision_difference', 3, True)} |")
+        cells = [*(row[column] for column in same), row[compare], cell(row, "fid_difference", 2, True),
+                 cell(row, "kid_difference", 4, True), cell(row, "precision_difference", 3, True)]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -191,7 +196,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--compare", choices=sorted(COMPARED), default="allocation",
                         help="the column whose values are compared with its base (uniform, sequential)")
-    parser.add_argument("--name", help="of the files written (default: demo_allocations or demo_decodings)")
+    parser.add_argument("--name", help="of the files written (default: demo_<compare>_differences)")
     parser.add_argument("--replicates", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -200,7 +205,7 @@ def main() -> None:
         raise SystemExit(f"no finished runs (metrics.json) under {args.root}")
     table = ordered(quality_table(runs))
     differences = variant_differences(table, args.replicates, args.seed, args.compare)
-    args.name = args.name or {"allocation": "demo_allocations", "decoding": "demo_decodings"}[args.compare]
+    args.name = args.name or f"demo_{args.compare}_differences"
     args.out.mkdir(parents=True, exist_ok=True)
     table.drop(columns=["run_dir"]).to_csv(args.out / f"{args.name}.csv", index=False)
     if not differences.empty:

@@ -233,8 +233,13 @@ def test_the_report_shows_the_paired_fields_and_pairs_each_allocation_with_unifo
     rounding = 8 * math.sqrt(6 * np.finfo(float).eps * max(fids))  # as in tests/test_paired.py, two runs
     assert linear.fid_difference == pytest.approx(fids[0] - fids[1], rel=0, abs=rounding) and fids[0] != fids[1]
     assert linear.fid_difference_ci_low <= linear.fid_difference <= linear.fid_difference_ci_high
+    against_linear = report.variant_differences(table, replicates=100, seed=0, compare="policy")
+    window = against_linear[(against_linear.policy == "window") & (against_linear.allocation == "uniform")].iloc[0]
+    fids = records["window", "uniform"]["fid"], records["linear", "uniform"]["fid"]
+    rounding = 8 * math.sqrt(6 * np.finfo(float).eps * max(fids))
+    assert window.fid_difference == pytest.approx(fids[0] - fids[1], rel=0, abs=rounding) and window.keep == "1/4"
     text = report.markdown(table, differences.reset_index())
-    assert "| 1/4 | window | adaptive_heads |" in text and "| 1/4 | linear | pyramid |" in text
+    assert "| 1/4 | window | sequential | adaptive_heads |" in text and "| 1/4 | linear | sequential | pyramid |" in text
     report.figure(table, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 1000
 
