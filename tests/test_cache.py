@@ -91,18 +91,23 @@ def oracle_masks(trace: Trace, prefix: int) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def attention_probabilities(model, labels, tokens, masks) -> list[torch.Tensor]:
-    """Explicit softmax(q k^T / sqrt(d)) per layer under `masks`, from the cache-free forward."""
+def projections(model, labels, tokens, masks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer the rotated (q, k), each (S, H, T, D), of the cache-free forward under `masks`."""
     inputs = []
     hooks = [layer.attention.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0], args[1])))
              for layer in model.layers]
     model(labels, tokens, masks)
     for hook in hooks:
         hook.remove()
+    return [attention.project(x, rope)[:2] for attention, x, rope in inputs]
+
+
+@torch.inference_mode()
+def attention_probabilities(model, labels, tokens, masks) -> list[torch.Tensor]:
+    """Explicit softmax(q k^T / sqrt(d)) per layer under `masks`, from the cache-free forward."""
     probabilities = []
-    for (attention, x, rope), mask in zip(inputs, masks):
-        q, k, _ = attention.project(x, rope)
-        logits = (q @ k.transpose(-1, -2)) / attention.head_dim**0.5
+    for (q, k), mask in zip(projections(model, labels, tokens, masks), masks):
+        logits = (q @ k.transpose(-1, -2)) / q.shape[-1]**0.5
         probabilities.append(torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1))
         probabilities[-1].max_logit = float(logits.masked_fill(~mask, 0).abs().max())
     return probabilities

@@ -11,7 +11,7 @@ import torch
 from conftest import llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.cache.rkv import key_redundancy
 from lineareval.keep import parse_keep
-from test_cache import oracle_masks, run_policy
+from test_cache import oracle_masks, projections, run_policy
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +21,6 @@ def setup():
     tokens = torch.randint(0, model.config.vocab_size, (4, model.layout.num_visual),
                            generator=torch.Generator().manual_seed(1))
     return model, labels, tokens
-
-
-@torch.inference_mode()
-def projections(model, labels, tokens, masks) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer the rotated (q, k), each (S, H, T, D), of the cache-free forward under `masks`."""
-    inputs = []
-    hooks = [layer.attention.register_forward_pre_hook(lambda module, args: inputs.append((module, args[0], args[1])))
-             for layer in model.layers]
-    model(labels, tokens, masks)
-    for hook in hooks:
-        hook.remove()
-    return [attention.project(x, rope)[:2] for attention, x, rope in inputs]
 
 
 def with_keys(policy) -> list[torch.Tensor]:
