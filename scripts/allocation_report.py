@@ -98,6 +98,16 @@ def variant_differences(table: pd.DataFrame, replicates: int, seed: int, compare
     return pd.DataFrame(rows)
 
 
+def select(table: pd.DataFrame, where: list[str]) -> pd.DataFrame:
+    """The rows whose columns equal every `column=value` of `where` (`column=a,b`: either value)."""
+    for condition in where:
+        column, _, value = condition.partition("=")
+        if column not in table:
+            raise SystemExit(f"--where {condition}: no column {column!r}; columns: {', '.join(table.columns)}")
+        table = table[table[column].astype(str).isin(value.split(","))]
+    return table
+
+
 def ordered(table: pd.DataFrame) -> pd.DataFrame:
     """Rows by keep (largest first), policy (conf/cache/ order), allocation and decoding (their config
     groups' order, the base first)."""
@@ -127,7 +137,7 @@ def cell(row, name: str, digits: int, difference: bool = False) -> str:
 
 def markdown(table: pd.DataFrame, differences: pd.DataFrame, compare: str = "allocation") -> str:
     """The runs' table (against their full-cache partner), then each variant's differences from its base."""
-    decoding = compare == "decoding"
+    decoding = compare == "decoding" or table.decoding.nunique() > 1
     header = ["keep", "policy", "allocation", *(["decoding", "passes / image", "tokens / pass", "acceptance",
                                                  "images/s"] if decoding else []),
               "FID", "KID (se)", "FID - full", "KID - full", "token agreement", "PSNR to full (dB)", "SSIM",
@@ -166,6 +176,7 @@ def figure(table: pd.DataFrame, path: Path, compare: str = "allocation") -> None
 
     compressed = table[table.policy != "full"]
     keeps = list(dict.fromkeys(compressed.keep))
+    compare = "allocation" if compare == "policy" else compare  # policies are the x axis already
     allocations = list(dict.fromkeys(compressed[compare]))
     fig, axes = plt.subplots(len(keeps), 2, figsize=(12, 3.6 * len(keeps)), squeeze=False)
     width = 0.8 / max(len(allocations), 1)
@@ -197,13 +208,15 @@ def main() -> None:
     parser.add_argument("--compare", choices=sorted(COMPARED), default="allocation",
                         help="the column whose values are compared with its base (uniform, sequential)")
     parser.add_argument("--name", help="of the files written (default: demo_<compare>_differences)")
+    parser.add_argument("--where", nargs="*", default=[], metavar="COLUMN=VALUE",
+                        help="only the runs with these values, e.g. allocation=uniform keep=1,1/4")
     parser.add_argument("--replicates", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     runs = finished_runs(args.root)
     if not runs:
         raise SystemExit(f"no finished runs (metrics.json) under {args.root}")
-    table = ordered(quality_table(runs))
+    table = ordered(select(quality_table(runs), args.where))
     differences = variant_differences(table, args.replicates, args.seed, args.compare)
     args.name = args.name or f"demo_{args.compare}_differences"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -222,6 +222,9 @@ def test_the_report_shows_the_paired_fields_and_pairs_each_allocation_with_unifo
         (name, allocation) for name in sorted(order, key=lambda name: name != "full")
         for allocation in {"full": ["uniform"], "window": ["uniform", "adaptive_heads"],
                            "linear": ["uniform", "pyramid"]}[name]]
+    uniform = report.select(table, ["allocation=uniform"])
+    assert len(uniform) == 3 and set(uniform.policy) == {"full", "window", "linear"}
+    assert list(report.select(table, ["allocation=pyramid", "policy=linear"]).keep) == ["1/4"]
     pyramid = table[(table.policy == "linear") & (table.allocation == "pyramid")].iloc[0]
     assert pyramid.fid_difference == records["linear", "pyramid"]["fid_difference"]
     assert pyramid.token_agreement == records["linear", "pyramid"]["token_agreement"] < 1
