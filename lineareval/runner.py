@@ -278,7 +278,7 @@ def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fi
     worst = {key: max(cost[key] for cost in costs)
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
     sizes = [shard.size for shard in plan]
-    passes = {key: sum(cost[key] * size for cost, size in zip(costs, sizes)) / len(samples)
-              for key in DECODING_STATS if all(key in cost for cost in costs)}  # means over images
+    decoding = {key: sum(cost[key] * size for cost, size in zip(costs, sizes)) / len(samples)
+                for key in DECODING_STATS if all(key in cost for cost in costs)}  # means over images
     return {"peak_memory_method": costs[0]["peak_memory_method"], **worst, "latency_s_per_batch": total_time / len(costs),
-            "generation_time_s": total_time, "images_per_s": len(samples) / total_time, "decoding_stats": passes}
+            "generation_time_s": total_time, "images_per_s": len(samples) / total_time, "decoding_stats": decoding}

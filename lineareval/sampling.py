@@ -166,17 +166,16 @@ def counter_bits(seed: int, sample_ids: torch.Tensor, counter: int, width: int) 
 
 def keyed_uniform(sample_ids: torch.Tensor, seed_key: int, counter_key: int | torch.Tensor, width: int) -> torch.Tensor:
     """Uniform noise in (0, 1), (B, width) float32, from the top 24 bits of `keyed_bits` (exact in float32)."""
-    return ((keyed_bits(sample_ids, seed_key, counter_key, width) >> 8).float() + 0.5) / 2**24
-
-
-def keyed_gumbel(sample_ids: torch.Tensor, seed_key: int, counter_key: int | torch.Tensor, width: int) -> torch.Tensor:
-    """Standard Gumbel noise (B, width), float32, from `keyed_bits`."""
     if _on_host(sample_ids):  # the top 24 bits are exact in float32 either way
         high = torch.from_numpy((_host_bits(sample_ids, seed_key, counter_key, width) >> 8).astype(np.float32))
     else:
         high = (keyed_bits(sample_ids, seed_key, counter_key, width) >> 8).float()
-    uniform = high.add_(0.5).div_(2**24)  # in (0, 1)
-    return uniform.log_().neg_().log_().neg_()  # -log(-log(u)), in place
+    return high.add_(0.5).div_(2**24)
+
+
+def keyed_gumbel(sample_ids: torch.Tensor, seed_key: int, counter_key: int | torch.Tensor, width: int) -> torch.Tensor:
+    """Standard Gumbel noise (B, width), float32: -log(-log(u)) of `keyed_uniform`'s u, in place."""
+    return keyed_uniform(sample_ids, seed_key, counter_key, width).log_().neg_().log_().neg_()
 
 
 def gumbel_noise(seed: int, sample_ids: torch.Tensor, counter: int, width: int) -> torch.Tensor:

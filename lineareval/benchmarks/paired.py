@@ -73,9 +73,10 @@ class PairedImageMetrics:
                                   weights_path=self.extractor_weights, write=write)
 
     def pool_features(self, run_dir: Path, device: torch.device | str, write: bool = True) -> np.ndarray:
-        from lineareval.metrics.features import get_extractor_spec
+        from lineareval.metrics.run_features import run_features
 
-        return self.run_feature_layers(run_dir, device, write)[get_extractor_spec(self.extractor).pool_layer]
+        return run_features(run_dir, self.extractor, batch_size=self.batch_size, device=device,
+                            weights_path=self.extractor_weights, write=write)
 
     def evaluate_paired(self, run_dir: Path, request: PairedRequest, device: torch.device | str = "cpu") -> dict:
         """KID of the run, and everything paired with its partner when it has one (see the module docstring)."""
