@@ -246,7 +246,7 @@ def attended_widths(policy, layout, budget: int) -> list[tuple[int, bool, bool]]
         cache.begin_step(index)
         layer.append(zeros, zeros)
         widths.append((cache.state.width, cache.state.masked, layout.is_line_end(index)))
-        cache.end_step()
+        cache.commit()
     return widths
 
 

@@ -12,7 +12,7 @@ import torch
 from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, tiny_llamagen
 from lineareval.cache import TokenLayout
 from lineareval.cache.allocation import Budgets, allocate, pyramid, round_preserving_sum
-from lineareval.cache.engine import joint_victims
+from lineareval.cache.selection import joint_victims
 from lineareval.decoding.stepper import Stepper
 from lineareval.keep import BudgetError, parse_keep
 from test_cache import run_policy
@@ -104,7 +104,7 @@ def test_joint_selection_keeps_each_heads_best_then_the_best_over_all_heads(seed
     positions = torch.arange(width).expand(sequences, heads, -1).clone()
     valid = torch.ones(sequences, heads, width, dtype=torch.bool)
     valid[1, :, 30:37] = False  # free slots of one sequence: never counted
-    evicted = joint_victims(scores, positions, valid, prefix, budget, floor, cap)
+    evicted = joint_victims(scores, valid & (positions >= prefix), budget, floor, cap)
     visual = valid & (positions >= prefix)
     kept = visual & ~evicted
     assert not (evicted & ~visual).any(), "only visual tokens are evicted"

@@ -70,8 +70,8 @@ def run_policy(model, policy: CachePolicy, budget: int | Budgets, labels: torch.
         occupancy.append([int(layer.valid.sum(-1).max()) for layer in cache.layers])
         for layer in cache.layers:  # a layer's tokens fill its slots below its own occupancy
             held = layer.valid.sum(-1)
-            assert int(held.max()) <= layer.state.occupancy
-            assert layer.state.head_holes or int(held.min()) == layer.state.occupancy
+            assert int(held.max()) <= int(layer.state.occupancy.max())
+            assert layer.state.head_holes or int(held.min()) == int(layer.state.occupancy.min())
     return Trace(torch.stack(logits, 1), visible, after, scored, [layer.state.capacity for layer in cache.layers],
                  occupancy)
 

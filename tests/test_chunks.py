@@ -125,12 +125,12 @@ def test_random_chunks_and_commits_equal_the_masked_full_cache(llamagen_setup, p
     assert trace.chunks < layout.num_visual - 1  # chunks of several tokens were taken
     for layer, layer_map in zip(cache.layers, cache.visible_positions()):  # visual tokens at the end: (S, H)
         kept = layer_map[..., layout.prefix_len:].sum(-1)
-        held = torch.from_numpy(layer.state.row_visual)[:, None]  # each sequence's count (per head on average)
+        held = torch.from_numpy(layer.state.visual)[:, None]  # each sequence's count (per head on average)
         assert (kept.sum(-1, keepdim=True) == held * kept.shape[1]).all()  # no token lost or duplicated
         if policy.evicts_at is not EvictAt.NEVER:
             assert (held <= layer.state.capacity).all() and layer.state.evictions > 0
             assert (held <= max(budgets.layers) + layout.line_len).all()
-    assert (np.asarray(cache.state.row_next) == layout.num_visual - 1).all()
+    assert (np.asarray(cache.state.next) == layout.num_visual - 1).all()
 
 
 @pytest.mark.parametrize("allocation", ALLOCATION_CONFIGS)
@@ -143,7 +143,7 @@ def test_chunks_of_one_token_are_sequential_decoding(llamagen_setup, policy_fact
     budget = budgets_for(policy_factory(name), 64 if name == "full" else 21, allocation, model)
     sequential = run_policy(model, policy_factory(name), budget, labels, tokens)
     stepper = Stepper(model)
-    cache = stepper.new_cache(policy_factory(name), budget, len(labels), layout, max_chunk=1)
+    cache = stepper.new_cache(policy_factory(name), budget, len(labels), layout, max_chunk=2)  # a cache for chunks
     with torch.inference_mode():
         stepper.prefill(labels, cache)
         for index in range(layout.num_visual - 1):
@@ -169,7 +169,7 @@ def test_a_rolled_back_chunk_leaves_the_store_as_if_never_written(llamagen_setup
         layer = cache.layers[0]
         valid = layer.valid.clone()
         stores.append((valid, layer.positions.clone(), layer.keys[valid].clone(), layer.signals["line"].queries[
-            :, :, :2].clone(), cache.state.row_occupancy.copy(), cache.state.row_next.copy()))
+            :, :, :2].clone(), cache.state.occupancy.copy(), cache.state.next.copy()))
     (valid, positions, keys, queries, occupancy, following), expected = stores
     assert torch.equal(valid, expected[0]) and torch.equal(positions, expected[1])
     torch.testing.assert_close(keys, expected[2], rtol=0, atol=0)
@@ -309,8 +309,8 @@ def test_rolled_back_queries_never_enter_the_line_buffer(llamagen_setup, policy_
             else:
                 for row_counts in ([1, 1, 1, 1], [1, 1, 1, 1], [0, 1, 0, 1], [0, 1, 0, 1], [0, 1, 0, 1], [0, 1, 0, 1]):
                     stepper.decode_chunk(tokens[:, first: first + 1].clone(), torch.from_numpy(
-                        np.asarray(cache.state.row_next)), cache,
-                        layout.prefix_len + torch.from_numpy(np.asarray(cache.state.row_next))[:, None])
+                        np.asarray(cache.state.next)), cache,
+                        layout.prefix_len + torch.from_numpy(np.asarray(cache.state.next))[:, None])
                     cache.commit(row_counts)
                     first += 1
         buffers.append(torch.stack([layer.signals["line"].queries for layer in cache.layers]))

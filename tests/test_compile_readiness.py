@@ -25,7 +25,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS
 from lineareval.cache.allocation import Budgets
-from lineareval.cache.engine import LayerKV
+from lineareval.cache.store import LayerKV
 from lineareval.keep import parse_keep
 from lineareval.runner import build_generator, build_policy
 

@@ -191,5 +191,5 @@ def test_rkv_with_a_window_shorter_than_a_line_passes_the_chunk_oracle(setup, po
     torch.testing.assert_close(trace.logits, oracle, **roundoff_tolerance(oracle, llamagen_depth(model)))
     for layer_map in cache.visible_positions():  # every layer, sequence and head holds what its counts say
         kept = layer_map[..., layout.prefix_len:].sum(-1)  # (S, H)
-        assert (kept == torch.from_numpy(cache.state.row_visual)[:, None]).all()
-    assert cache.state.evictions > 0 and (cache.state.row_visual <= 21 + layout.line_len).all()
+        assert (kept == torch.from_numpy(cache.state.visual)[:, None]).all()
+    assert cache.state.evictions > 0 and (cache.state.visual <= 21 + layout.line_len).all()

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from lineareval.cache.engine import LayerKV
+    from lineareval.cache.store import LayerKV
 
 
 class ScoreNeed(enum.Enum):
@@ -110,15 +110,12 @@ class CachePolicy:
 
     name: ClassVar[str] = "base"
     evicts_at: ClassVar[EvictAt] = EvictAt.STEP
-    # True when scores depend only on slot positions (not on keys, values or attention): in sequential
-    # decoding every layer, head and sequence then evicts the same slots, so the engine scores once, on
-    # its host copy of the slot layout (`SlotTable`, a view shaped like a layer with S = H = 1), and
-    # `observe` is not called.
+    # An optional speed-up: True declares that scores depend only on slot positions (not on keys, values or
+    # attention). In sequential decoding every layer, head and sequence then evicts the same slots, so the
+    # engine scores once, on its host copy of the slot layout, and frees those slots in place; `observe` is
+    # not called. The engine checks the declaration (reading keys or signals stops the run) and is correct
+    # without it. Which tokens a policy may evict is not declared: any (lineareval/cache/selection.py).
     selects_by_position: ClassVar[bool] = False
-    # True when the policy may evict tokens written since its previous scoring point (R-KV keeps only the
-    # last `window` of them): the engine then compacts the survivors into the lowest slots instead of moving
-    # the new tokens into the victims' slots (which assumes no new token is a victim).
-    evicts_new_tokens: ClassVar[bool] = False
 
     def signals(self) -> dict:
         """Name -> signal spec (lineareval/cache/signals.py) the engine keeps per layer for `score`."""

@@ -50,7 +50,6 @@ class RKV(CachePolicy):
     """The last `window` tokens + the top B - window by mix_lambda * importance - (1 - mix_lambda) * redundancy."""
 
     name = "rkv"
-    evicts_new_tokens = True  # the scored candidates include the period's tokens before the window
     window: int = 8
     kernel_size: int = 7
     mix_lambda: float = 0.07

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 if TYPE_CHECKING:
-    from lineareval.cache.engine import LayerKV
+    from lineareval.cache.store import LayerKV
 
 
 class SignalState:
@@ -91,7 +91,7 @@ class ReceivedState(SignalState):
             self.received.scatter_(2, slots[:, None].expand(-1, self.received.shape[1], -1), 0.0)
 
     def attended(self, layer: LayerKV, probabilities: torch.Tensor) -> None:
-        if layer.state.ragged:
+        if layer.state.chunked:
             self.pending = probabilities
         else:
             self.add(probabilities.sum(dim=2))
@@ -150,7 +150,7 @@ class QueryRing(SignalState):
 
     def queried(self, layer: LayerKV, query: torch.Tensor) -> None:
         """Buffer each query at its ring index."""
-        if layer.state.ragged:
+        if layer.state.chunked:
             self.pending = query  # a chunk's rolled-back queries must not overwrite the committed ones
         elif torch.compiler.is_compiling():
             self.queries.index_copy_(2, self.compiled_index(layer), query)

@@ -113,7 +113,7 @@ class Stepper:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs have been consumed
         logits = self.step(tokens[:, None], positions[:, None], cache)[:, 0]
-        cache.end_step()  # eviction, outside the compiled step: it runs at scoring points only
+        cache.commit()  # eviction, outside the compiled step: it runs at scoring points only
         return logits
 
     def decode_chunk(self, tokens: torch.Tensor, first: torch.Tensor, cache: KVCache,
