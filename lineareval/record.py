@@ -198,6 +198,8 @@ class RunRecord:
         raw = {**LEGACY_DEFAULTS, **raw}
         core = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         with _naming(path):
+            if "created_at" not in raw:  # written by every version: its default is the time of writing
+                raise ValueError("fields missing: created_at")
             fields = {key: raw[key] for key in core & set(raw) - {"decoding", "budget_allocation"}}
             fields["decoding"] = Decoding.parse(raw["decoding"])
             fields["budget_allocation"] = BudgetAllocation.parse(raw)
