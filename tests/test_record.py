@@ -258,6 +258,7 @@ def test_suite_and_external_records_are_their_own_kinds(tmp_path):
 @pytest.mark.parametrize("fields, message", [
     ({"seed": None}, "fields missing: seed"),
     ({"seed": None, "model": None}, "fields missing: model, seed"),
+    ({"created_at": None}, "fields missing: created_at"),
     ({"keep": 0.25}, "keep must be"),
     ({"seed": "0"}, "seed must be int"),
     ({"git_dirty": 1}, "git_dirty must be bool"),
