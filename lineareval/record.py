@@ -188,7 +188,7 @@ class RunRecord:
         """The record of one run's samples in `path` (a metrics.json or its run folder); RecordError if the
         file is no such record (a suite's or an external evaluation's included), naming the file."""
         record = load_run(path)
-        if not isinstance(record, cls):
+        if record.kind != cls.kind:
             raise RecordError(f"{_metrics_path(path)} is the record of {record.kind!r}, not of one run's samples")
         return record
 
@@ -457,7 +457,7 @@ class SuiteRecord:
     @classmethod
     def load(cls, path: str | os.PathLike) -> SuiteRecord:
         record = load_run(path)
-        if not isinstance(record, cls):
+        if record.kind != cls.kind:
             raise RecordError(f"{_metrics_path(path)} is the record of {record.kind!r}, not of a suite")
         return record
 
