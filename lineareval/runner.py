@@ -40,8 +40,9 @@ from lineareval.config import call_target, check_run_fields, resolve_device, res
 from lineareval.identity import config_identity, content_identity, run_fingerprint
 from lineareval.keep import parse_keep
 from lineareval.loggers import NoLogger
-from lineareval.record import (METRICS_FILE, RunRecord, StorageError, environment_info, save_record, write_csv_atomic,
-                               write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
+from lineareval.record import (METRICS_FILE, BudgetAllocation, Decoding, RunRecord, StorageError, environment_info,
+                               save_record, write_csv_atomic, write_json_atomic, write_npz_atomic,
+                               write_npz_stacked_atomic)
 from lineareval.runfolder import RunConflictError, RunInterrupted
 from lineareval.runlock import RunLockedError
 
@@ -227,9 +228,11 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
         weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
         tokens_per_s=len(samples) * layout.num_visual / cost["generation_time_s"],
         **{key: value for key, value in cost.items() if key != "decoding_stats"}, **environment_info(device),
-        extra={"policy": policy.describe(), **budgets.describe(), "decoding": generator.decoder.method.describe(),
-               "distribution_preserving": generator.decoder.method.distribution_preserving, **cost["decoding_stats"],
-               "evaluated": False, "world_size": ranks.world_size, "run_fingerprint": fingerprint})
+        decoding=Decoding.parse(generator.decoder.method.describe()),
+        budget_allocation=BudgetAllocation.parse(budgets.describe()),
+        extra={"policy": policy.describe(), "distribution_preserving": generator.decoder.method.distribution_preserving,
+               **cost["decoding_stats"], "evaluated": False, "world_size": ranks.world_size,
+               "run_fingerprint": fingerprint})
     save_record(record, run_dir)  # generation is safe on disk before any scoring starts
     shutil.rmtree(folder)  # merged into tokens.npz / samples.npz (a kill before this: the next run removes it)
     if cfg.stage == "all":

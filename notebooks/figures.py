@@ -26,7 +26,6 @@
 # our runs, one style per device and weights). The full cache is drawn as a horizontal reference line.
 
 # %%
-import json
 import os
 import zipfile
 from fractions import Fraction
@@ -38,6 +37,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from lineareval.api import policy_colors
+from lineareval.record import find_runs
+from lineareval.tables import run_table
 
 
 def repository_root() -> Path:
@@ -312,21 +313,16 @@ def conditions(run_dir: Path, count: int) -> tuple[str, ...]:
 
 
 def sample_runs(root: Path) -> pd.DataFrame:
-    """One row per finished run folder under `root` that holds samples."""
-    runs = []
-    for path in sorted(root.rglob("samples.npz")) if root.exists() else []:
-        run_dir = path.parent
-        if not (run_dir / "metrics.json").exists() or not (run_dir / "config.yaml").exists():
-            continue
-        record = json.loads((run_dir / "metrics.json").read_text())
-        if "rows" in record:  # a multi-policy suite (benchmark=efficiency), not one policy's samples
-            continue
-        benchmark = OmegaConf.load(run_dir / "config.yaml").benchmark.name
-        runs.append({"benchmark": benchmark, "model": record["model"], "weights": record.get("weights", ""),
-                     "seed": record["seed"], "cache": record["cache"], "keep": str(record["keep"]),
-                     "run_dir": run_dir, "conditions": conditions(run_dir, GRID_IMAGES)})
-    return pd.DataFrame(runs, columns=["benchmark", "model", "weights", "seed", "cache", "keep", "run_dir",
-                                       "conditions"])
+    """One row per finished run folder under `root` that holds samples (one policy's: suites are left out)."""
+    runs = [(record, folder) for record, folder in (find_runs(root) if root.exists() else [])
+            if (folder / "samples.npz").exists() and (folder / "config.yaml").exists()]
+    table = run_table(runs)
+    columns = ["benchmark", "model", "weights", "seed", "cache", "keep", "run_dir", "conditions"]
+    if table.empty:
+        return pd.DataFrame(columns=columns)
+    folders = [folder for _, folder in runs]
+    return table.assign(benchmark=[OmegaConf.load(folder / "config.yaml").benchmark.name for folder in folders],
+                        run_dir=folders, conditions=[conditions(folder, GRID_IMAGES) for folder in folders])[columns]
 
 
 def plot_samples(runs: pd.DataFrame) -> plt.Figure:

@@ -31,37 +31,33 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from lineareval.api import config_options
-from lineareval.record import load_record
+from lineareval.record import RunRecord, find_runs
+from lineareval.tables import run_table
 
 # Against the full-cache partner (recorded by the benchmark), each with `_ci_low` / `_ci_high`
 AGAINST_FULL = ("fid_difference", "kid_difference", "token_agreement", "psnr", "ssim", "inception_cosine")
 DIFFERENCES = ("fid", "kid", "precision")  # variant minus base, paired over samples
 # --compare: column -> its base value (policy: every policy against LineAR at the same keep)
 COMPARED = {"allocation": "uniform", "decoding": "sequential", "policy": "linear"}
+# The table's columns: run_table's column -> its name here
+RUN_FIELDS = {"cache": "policy", "budget_allocation": "allocation", "decoding": "decoding", "keep": "keep",
+              "seed": "seed", "visual_budget": "budget", "num_samples": "num_samples", "layer_budgets": "layer_budgets",
+              "fid": "fid", "kid": "kid", "kid_se": "kid_se",
+              **{f"{name}{end}": f"{name}{end}" for name in AGAINST_FULL for end in ("", "_ci_low", "_ci_high")},
+              **{name: name for name in ("partner_reason", "decode_passes_per_image", "tokens_per_pass",
+                                         "draft_acceptance", "images_per_s")}}
 
 
-def finished_runs(root: Path) -> list[tuple[dict, Path]]:
+def finished_runs(root: Path) -> list[tuple[RunRecord, Path]]:
     """(record, folder) of every finished single run under `root` (efficiency suites left out)."""
-    runs = [(load_record(path.parent), path.parent) for path in sorted(root.rglob("metrics.json"))]
-    return [(record, folder) for record, folder in runs if "rows" not in record]
+    return find_runs(root)
 
 
-def quality_table(runs: list[tuple[dict, Path]]) -> pd.DataFrame:
+def quality_table(runs: list[tuple[RunRecord, Path]]) -> pd.DataFrame:
     """One row per run: what its record says, with the allocation and the KV-cache size."""
-    rows = []
-    for record, folder in runs:
-        rows.append({"policy": record["cache"], "allocation": record.get("budget_allocation", "uniform"),
-                     "decoding": (record.get("decoding") or {}).get("name", "sequential"), "keep": record["keep"],
-                     "seed": record["seed"], "budget": record["visual_budget"], "num_samples": record["num_samples"],
-                     "layer_budgets": record.get("layer_budgets"), "fid": record.get("fid"),
-                     "kid": record.get("kid"), "kid_se": record.get("kid_se"),
-                     **{f"{name}{end}": record.get(f"{name}{end}") for name in AGAINST_FULL
-                        for end in ("", "_ci_low", "_ci_high")},
-                     "partner_reason": record.get("partner_reason"),
-                     **{key: record.get(key) for key in ("decode_passes_per_image", "tokens_per_pass",
-                                                         "draft_acceptance", "images_per_s")},
-                     "kv_cache_mib": record["kv_cache_capacity_bytes"] / 2**20, "run_dir": str(folder)})
-    return pd.DataFrame(rows)
+    runs = run_table(runs)
+    table = runs.reindex(columns=list(RUN_FIELDS)).rename(columns=RUN_FIELDS)
+    return table.assign(kv_cache_mib=runs.kv_cache_capacity_bytes / 2**20, run_dir=runs.run_dir)
 
 
 def benchmark_of(run_dir: Path):

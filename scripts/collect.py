@@ -26,8 +26,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from lineareval.identity import digest
-from lineareval.record import load_record
+from lineareval.record import find_runs
 from lineareval.runfolder import IDENTITY_FILE
+from lineareval.tables import run_row
 
 QUALITY_METRICS = ("fid", "fid_adm_stats", "precision", "recall", "inception_score_mean", "clip_score", "dpg_score",
                    "dpg_entity", "dpg_attribute", "dpg_relation", "dpg_global", "dpg_other", "kid")
@@ -43,29 +44,31 @@ PAPER = Path(__file__).resolve().parents[1] / "results" / "paper"
 
 def collect(roots: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
     efficiency, quality = [], []
-    for path in sorted(path for root in roots for path in root.rglob("metrics.json")):
-        record, config = load_record(path), OmegaConf.load(path.parent / "config.yaml")
-        origin = {"source": "ours", "device_name": record.get("device_name"), "weights": record.get("weights"),
-                  "run_dir": str(path.parent)}
-        if "rows" in record:
-            efficiency += [{**row, "peak_memory_gb": row["peak_memory_bytes"] / 1e9, **origin} for row in record["rows"]]
+    for record, folder in find_runs(*roots, kinds=("samples", "suite", "external")):
+        if record.kind == "suite":
+            origin = {"source": "ours", "device_name": record.device_name, "weights": record.weights,
+                      "run_dir": str(folder)}
+            efficiency += [{**row, "peak_memory_gb": row["peak_memory_bytes"] / 1e9, **origin} for row in record.rows]
             continue
-        quality += quality_rows(record, config.benchmark.name, {**origin, "setting": setting(path.parent)})
+        benchmark = OmegaConf.load(folder / "config.yaml").benchmark.name
+        quality += quality_rows(run_row(record, folder), benchmark, setting(folder))
     efficiency_table = pd.concat([pd.DataFrame(efficiency), pd.read_csv(PAPER / "efficiency.csv", dtype={"keep": str})])
     quality_table = pd.concat([pd.DataFrame(quality), pd.read_csv(PAPER / "quality.csv", dtype={"keep": str})])
     return efficiency_table, quality_table
 
 
-def quality_rows(record: dict, benchmark: str, origin: dict) -> list[dict]:
-    """One row per quality metric the record holds, with its interval or standard error where it has one."""
-    run = {"benchmark": benchmark, "model": record["model"], "cache": record["cache"], "keep": record["keep"],
-           "policy": json.dumps(record.get("policy"), sort_keys=True), "seed": record.get("seed"),
-           "budget_allocation": record.get("budget_allocation", "uniform"),
-           "decoding": (record.get("decoding") or {}).get("name", "sequential"), "num_samples": record["num_samples"]}
-    return [{**run, "metric": metric, "value": record[metric], "ci_low": record.get(f"{metric}_ci_low"),
-             "ci_high": record.get(f"{metric}_ci_high"), "se": record.get(f"{metric}_se"),
-             "confidence": record.get("bootstrap_confidence") if f"{metric}_ci_low" in record else None, **origin}
-            for metric in QUALITY_METRICS + PAIRED_METRICS if record.get(metric) is not None]
+def quality_rows(run: dict, benchmark: str, setting: str) -> list[dict]:
+    """One row per quality metric of a run (`run`: its row of lineareval.tables.run_table), with the metric's
+    interval or standard error where it has one."""
+    keys = {"benchmark": benchmark, "model": run["model"], "cache": run["cache"], "keep": run["keep"],
+            "policy": json.dumps(run["policy"], sort_keys=True),
+            **{key: run[key] for key in ("seed", "budget_allocation", "decoding", "num_samples")}}
+    origin = {"source": "ours", "device_name": run["device_name"], "weights": run["weights"], "run_dir": run["run_dir"],
+              "setting": setting}
+    return [{**keys, "metric": metric, "value": run[metric], "ci_low": run.get(f"{metric}_ci_low"),
+             "ci_high": run.get(f"{metric}_ci_high"), "se": run.get(f"{metric}_se"),
+             "confidence": run.get("bootstrap_confidence") if f"{metric}_ci_low" in run else None, **origin}
+            for metric in QUALITY_METRICS + PAIRED_METRICS if run.get(metric) is not None]
 
 
 def setting(run_dir: Path) -> str:
@@ -95,14 +98,12 @@ STEP_COLUMNS = ["model", "cache", "keep", "batch_size", "step", "seconds", "sour
 def collect_step_latency(roots: list[Path]) -> pd.DataFrame:
     """The `step_latency.csv` of every finished efficiency run, with where each row came from."""
     tables = []
-    for path in sorted(path for root in roots for path in root.rglob("metrics.json")):
-        steps = path.parent / "step_latency.csv"
+    for record, folder in find_runs(*roots, kinds=("suite",)):
+        steps = folder / "step_latency.csv"
         if not steps.exists():
             continue
-        record = load_record(path)
         tables.append(pd.read_csv(steps, dtype={"keep": str}).assign(
-            source="ours", device_name=record.get("device_name"), weights=record.get("weights"),
-            run_dir=str(path.parent)))
+            source="ours", device_name=record.device_name, weights=record.weights, run_dir=str(folder)))
     return pd.concat(tables, ignore_index=True)[STEP_COLUMNS] if tables else pd.DataFrame(columns=STEP_COLUMNS)
 
 

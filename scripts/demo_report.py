@@ -19,7 +19,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 
 from lineareval.api import policy_names
-from lineareval.record import load_record
+from lineareval.record import RunRecord, find_runs
+from lineareval.tables import run_table
 
 COLUMNS = {"cache": "policy", "keep": "keep", "visual_budget": "budget", "fid": "FID", "kid": "KID", "kid_se": "KID se",
            "peak_memory_mib": "peak memory MiB", "kv_cache_mib": "KV cache MiB", "images_per_s": "images/s"}
@@ -30,20 +31,19 @@ INTERVALS = {"fid_difference": "FID diff", "kid_difference": "KID diff", "precis
 LABEL_WIDTH = 140
 
 
-def finished_runs(root: Path, seed: int) -> list[tuple[dict, Path]]:
+def finished_runs(root: Path, seed: int) -> list[tuple[RunRecord, Path]]:
     """(record, run folder) of every finished run of `seed` under `root`, in policy order."""
-    runs = [(load_record(path.parent), path.parent) for path in sorted(root.rglob("metrics.json"))]
-    runs = [(record, folder) for record, folder in runs if record.get("seed") == seed and "rows" not in record]
+    runs = [(record, folder) for record, folder in find_runs(root) if record.seed == seed]
     if not runs:
         raise SystemExit(f"no finished runs of seed {seed} (metrics.json) under {root}")
     rank = {name: index for index, name in enumerate(policy_names())}  # conf/cache/: full first
-    return sorted(runs, key=lambda run: (run[0]["model"], rank.get(run[0]["cache"], len(rank)), run[0]["cache"],
-                                         -run[0]["visual_budget"]))
+    return sorted(runs, key=lambda run: (run[0].model, rank.get(run[0].cache, len(rank)), run[0].cache,
+                                         -run[0].visual_budget))
 
 
-def table(runs: list[tuple[dict, Path]]) -> pd.DataFrame:
+def table(runs: list[tuple[RunRecord, Path]]) -> pd.DataFrame:
     """One row per run: policy, keep, budget, FID, peak memory and KV-cache high water in MiB, images/s."""
-    frame = pd.DataFrame([record for record, _ in runs])
+    frame = run_table(runs)
     frame["peak_memory_mib"] = frame["peak_memory_bytes"] / 2**20
     frame["kv_cache_mib"] = frame["kv_cache_high_water_bytes"] / 2**20
     columns = dict(COLUMNS)
@@ -95,7 +95,7 @@ def label_row(images: np.ndarray, label: str, scale: int, pad: int = 2) -> Image
     return strip
 
 
-def sample_grid(runs: list[tuple[dict, Path]], columns: int, scale: int) -> Image.Image:
+def sample_grid(runs: list[tuple[RunRecord, Path]], columns: int, scale: int) -> Image.Image:
     """Rows: held-out real crops of the columns' classes, then each run's first `columns` samples."""
     from lineareval.demo.data import make_crops
 
@@ -110,7 +110,7 @@ def sample_grid(runs: list[tuple[dict, Path]], columns: int, scale: int) -> Imag
         if not np.array_equal(labels, first):
             raise SystemExit(f"{folder} drew other classes than {runs[0][1]}: not the same seeds")
         images = np.load(folder / "samples.npz")["arr_0"][:columns]
-        rows.append(label_row(images, f"{record['cache']} keep={record['keep']}", scale))
+        rows.append(label_row(images, f"{record.cache} keep={record.keep}", scale))
     grid = Image.new("RGB", (max(row.width for row in rows), sum(row.height for row in rows)), "white")
     for index, row in enumerate(rows):
         grid.paste(row, (0, sum(previous.height for previous in rows[:index])))

@@ -57,7 +57,7 @@ from lineareval.api import build_policy, policy_config
 from lineareval.cache import KVCache, ScoreNeed, TokenLayout
 from lineareval.keep import parse_keep
 from lineareval.models.packed import Linear, pack_linears
-from lineareval.record import environment_info, load_record
+from lineareval.record import SuiteRecord, environment_info
 
 @dataclass
 class Machine:
@@ -274,10 +274,10 @@ def roofline_rows(run_dir: Path, machine_for) -> list[dict]:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     model = OmegaConf.to_container(cfg.model, resolve=True)
     guided = float(OmegaConf.select(cfg, "sampling.cfg_scale", default=1.0)) > 1.0
-    record = load_record(run_dir / "metrics.json")
+    record = SuiteRecord.load(run_dir)
     table = pd.read_csv(run_dir / "efficiency.csv", dtype={"keep": str})
     steps = pd.read_csv(run_dir / "step_latency.csv", dtype={"keep": str})
-    dtype, device = getattr(torch, record["dtype"]), torch.device(record["device"])
+    dtype, device = getattr(torch, record.dtype), torch.device(record.device)
     element = torch.finfo(dtype).bits // 8
     rows = []
     for row in table.itertuples():

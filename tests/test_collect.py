@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from lineareval.runner import run
+from record_files import samples_record, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,11 +65,11 @@ def test_collect_keeps_intervals_and_aggregates_seeds(tmp_path):
         folder = tmp_path / "outputs" / f"seed-{seed}"
         folder.mkdir(parents=True)
         (folder / "config.yaml").write_text("benchmark:\n  name: demo_fid\n")
-        record = {"model": "demo", "cache": "linear", "keep": "1/4", "seed": seed, "num_samples": 400,
-                  "weights": "checkpoint", "policy": {"anchors": "line"}, "fid": fid, "kid": 0.01 * seed,
-                  "kid_se": 0.002, "fid_difference": fid - 9, "fid_difference_ci_low": fid - 11,
-                  "fid_difference_ci_high": fid - 7, "bootstrap_confidence": 0.95, "psnr": float("inf")}
-        (folder / "metrics.json").write_text(json.dumps(record))
+        write_record(folder, samples_record(
+            model="demo", cache="linear", keep="1/4", seed=seed, num_samples=400, weights="checkpoint",
+            policy={"anchors": "line"}, fid=fid, kid=0.01 * seed, kid_se=0.002, fid_difference=fid - 9,
+            fid_difference_ci_low=fid - 11, fid_difference_ci_high=fid - 7, bootstrap_confidence=0.95,
+            psnr=float("inf")))
     _, quality = collect_script.collect([tmp_path / "outputs"])
     ours = quality[quality.source == "ours"]
     difference = ours[(ours.metric == "fid_difference") & (ours.seed == 1)].iloc[0]
@@ -94,10 +95,9 @@ def test_seed_aggregates_never_mix_configurations(tmp_path):
             (folder / "config.yaml").write_text("benchmark:\n  name: demo_fid\n")
             identity = {"config": {"seed": seed, "sampling": {"cfg_scale": 1.75}, **identity_extra}}
             (folder / "identity.json").write_text(json.dumps(identity))
-            record = {"model": "demo", "cache": "linear", "keep": "1/4", "seed": seed, "num_samples": 400,
-                      "weights": "checkpoint", "policy": {"anchors": "line"}, "fid": 10.0 + seed + len(name),
-                      **extra}
-            (folder / "metrics.json").write_text(json.dumps(record))
+            write_record(folder, samples_record(model="demo", cache="linear", keep="1/4", seed=seed, num_samples=400,
+                                                weights="checkpoint", policy={"anchors": "line"},
+                                                fid=10.0 + seed + len(name), **extra))
     _, quality = collect_script.collect([tmp_path / "outputs"])
     spread = collect_script.seed_spread(quality)
     assert len(spread) == 4 and set(spread.seeds) == {2}

@@ -26,6 +26,7 @@ from nbclient import NotebookClient
 from PIL import Image
 
 from lineareval.api import policy_colors
+from record_files import samples_record, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -133,8 +134,8 @@ def write_run_folder(outputs: Path, cache: str, keep: str, seed: int, color: tup
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(f"model:\n  name: llamagen_tiny\ncache:\n  name: {cache}\nbenchmark:\n"
                                          f"  name: samples\nkeep: '{keep}'\nseed: {seed}\nweights: random\n")
-    (run_dir / "metrics.json").write_text(f'{{"model": "llamagen_tiny", "cache": "{cache}", "keep": "{keep}", '
-                                          f'"seed": {seed}, "weights": "random", "num_samples": 8}}')
+    write_record(run_dir, samples_record(model="llamagen_tiny", cache=cache, keep=keep, visual_budget=budget(keep),
+                                         seed=seed, weights="random", num_samples=8))
     np.savez(run_dir / "tokens.npz", tokens=np.zeros((8, 256), np.int64), labels=(np.arange(8) * 7 + seed) % 10)
     np.savez(run_dir / "samples.npz", arr_0=np.broadcast_to(np.array(color, np.uint8), (8, 32, 32, 3)).copy())
 
