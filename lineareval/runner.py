@@ -18,6 +18,7 @@ SIGTERM (Slurm's time limit) ends the run cleanly with its finished shards kept.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shutil
 from functools import partial
@@ -32,7 +33,7 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from lineareval import distributed, runfolder, shards
-from lineareval.api import build_budgets, build_generator, build_policy, timed_generation
+from lineareval.factory import build_budgets, build_decoding, build_generator, build_policy, timed_generation
 from lineareval.benchmarks.paired import PairedRequest
 from lineareval.cache import CachePolicy
 from lineareval.cache.allocation import Budgets
@@ -200,6 +201,7 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     device = ranks.device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     policy = build_policy(cfg.cache)
+    method = build_decoding(cfg.decoding)
     generator = build_generator(cfg, device, dtype)
     layout = generator.layout
     budgets = build_budgets(cfg, policy, generator)  # B from keep, spread by budget_allocation
@@ -214,8 +216,8 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     ranks.on_main(partial(runfolder.prepare, run_dir, resolved, {**identity, "fingerprint": fingerprint}, cfg.force))
 
     description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text} {budgets.name}"
-    mine, sampled = _sample_shards(cfg, ranks, generator, policy, budgets, samples, fingerprint, resolution, device,
-                                   description)
+    mine, sampled = _sample_shards(cfg, ranks, generator, policy, budgets, method, samples, fingerprint, resolution,
+                                   device, description)
     ranks.barrier()
     if not ranks.is_main:
         return {"rank": ranks.rank, "shards": mine, "sampled_shards": sampled}
@@ -227,10 +229,11 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
         batch_size=cfg.batch_size, num_samples=len(samples), seed=cfg.seed, weights=cfg.weights,
         weights_files=generator.weight_files, dtype=str(dtype).removeprefix("torch."), device=str(device),
         tokens_per_s=len(samples) * layout.num_visual / cost["generation_time_s"],
-        **{key: value for key, value in cost.items() if key != "decoding_stats"}, **environment_info(device),
-        decoding=Decoding.parse(generator.decoder.method.describe()),
+        **{key: value for key, value in cost.items() if key not in ("decoding_stats", "decoding_method")},
+        **environment_info(device),
+        decoding=Decoding.parse(cost["decoding_method"]),  # what ran, as every shard reported it
         budget_allocation=BudgetAllocation.parse(budgets.describe()),
-        extra={"policy": policy.describe(), "distribution_preserving": generator.decoder.method.distribution_preserving,
+        extra={"policy": policy.describe(), "distribution_preserving": method.distribution_preserving,
                **cost["decoding_stats"], "evaluated": False, "world_size": ranks.world_size,
                "run_fingerprint": fingerprint})
     save_record(record, run_dir)  # generation is safe on disk before any scoring starts
@@ -244,7 +247,7 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
 
 
 def _sample_shards(cfg: DictConfig, ranks: distributed.Ranks, generator, policy: CachePolicy, budget: Budgets,
-                   samples, fingerprint: str, resolution: int | None, device: torch.device,
+                   method, samples, fingerprint: str, resolution: int | None, device: torch.device,
                    description: str) -> tuple[int, int]:
     """Sample this rank's shards that are missing (or of another fingerprint); returns (its shards, sampled)."""
     plan = shards.plan(len(samples), cfg.batch_size)
@@ -260,7 +263,7 @@ def _sample_shards(cfg: DictConfig, ranks: distributed.Ranks, generator, policy:
     with progress:
         for shard in todo:
             ids, conditions = samples.batch(shard.start, shard.stop, device)
-            tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
+            tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device, method)
             images = decode(generator, tokens, resolution).cpu().numpy() if cfg.decode_images else None
             shards.save(folder, shard, tokens.cpu().numpy(), images, cost, fingerprint)
             progress.update(shard.size)
@@ -277,11 +280,15 @@ def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fi
         write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0", (load(shard)[1] for shard in plan), len(samples))
         shown = [load(shard)[1] for shard in plan[:-(-cfg.grid_images // cfg.batch_size)]]  # the first grid_images
         save_grid(np.concatenate(shown), run_dir / "samples.png", cfg.grid_images)
+    ran = {json.dumps(cost.get("decoding_method"), sort_keys=True) for cost in costs}
+    if len(ran) != 1 or "null" in ran:
+        raise RunConflictError(f"the shards in {folder} were decoded by {sorted(ran)} (null: a shard older than the "
+                               "record of what ran): rerun with force=true")
     total_time = sum(cost["generation_s"] for cost in costs)
     worst = {key: max(cost[key] for cost in costs)
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
     sizes = [shard.size for shard in plan]
     decoding = {key: sum(cost[key] * size for cost, size in zip(costs, sizes)) / len(samples)
                 for key in DECODING_STATS if all(key in cost for cost in costs)}  # means over images
-    return {"peak_memory_method": costs[0]["peak_memory_method"], **worst, "latency_s_per_batch": total_time / len(costs),
+    return {"peak_memory_method": costs[0]["peak_memory_method"], "decoding_method": costs[0]["decoding_method"], **worst, "latency_s_per_batch": total_time / len(costs),
             "generation_time_s": total_time, "images_per_s": len(samples) / total_time, "decoding_stats": decoding}

@@ -37,6 +37,7 @@ from types import SimpleNamespace
 import torch
 
 from lineareval.cache.full import Full
+from lineareval.decoding.method import Sequential
 from lineareval.decoding.stepper import Stepper
 from lineareval.generators.base import Generator
 from lineareval.generators.llamagen import LlamaGenFamily
@@ -208,7 +209,7 @@ def generation_parity(official: SimpleNamespace, reference, ours: LlamaGen, labe
                                    "random")
     start = time.perf_counter()
     our_tokens = generator.generate(labels, torch.arange(len(labels), device=labels.device), Full(), num_visual,
-                                    args.seed).tokens
+                                    args.seed, Sequential()).tokens
     synchronize(args.device)
     ours_seconds = time.perf_counter() - start
     for layer in reference.layers:

@@ -32,6 +32,7 @@ from check_official_parity import (DOWNSAMPLE, NUM_CLASSES, build_models, descri
                                    official_generate_shims, synchronize)
 from lineareval.cache.full import Full
 from lineareval.decoding.decoder import StepTimer
+from lineareval.decoding.method import Sequential
 from lineareval.generators.base import Generator
 from lineareval.generators.llamagen import LlamaGenFamily
 from lineareval.record import environment_info
@@ -115,7 +116,7 @@ def time_ours(ours, labels: torch.Tensor, device: str, seed: int) -> tuple[float
     timer = StepTimer(num_visual - 1, torch.device(device))
     synchronize(device)
     began = time.perf_counter()
-    generator.generate(labels, torch.arange(len(labels), device=labels.device), Full(), num_visual, seed, timer=timer)
+    generator.generate(labels, torch.arange(len(labels), device=labels.device), Full(), num_visual, seed, Sequential(), timer=timer)
     synchronize(device)
     return time.perf_counter() - began, timer.seconds()
 

@@ -53,7 +53,8 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from lineareval.api import build_policy, policy_config
+from lineareval.compose import policy_config
+from lineareval.factory import build_policy
 from lineareval.cache import KVCache, ScoreNeed, TokenLayout
 from lineareval.keep import parse_keep
 from lineareval.models.packed import Linear, pack_linears

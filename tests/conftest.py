@@ -13,7 +13,7 @@ from lineareval.api import config_options, policy_names
 from lineareval.cache.allocation import Budgets, allocate
 from lineareval.identity import register_resolvers
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
-from lineareval.runner import build_policy
+from lineareval.factory import build_policy
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 CACHE_CONFIGS = policy_names()  # every policy of conf/cache/, as Hydra lists the group
@@ -141,3 +141,16 @@ def reference_for_collect(tmp_path) -> Path:
     path = tmp_path / "reference.npz"
     np.savez(path, arr_0=np.random.default_rng(0).integers(0, 256, (32, 64, 64, 3), dtype=np.uint8))
     return path
+
+
+class WithMethod:
+    """A generator whose `generate` decodes with a fixed `method` (tests that compare methods on one model)."""
+
+    def __init__(self, generator, method):
+        self.generator, self.method = generator, method
+
+    def generate(self, *args, **kwargs):
+        return self.generator.generate(*args, method=self.method, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.generator, name)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lineareval.decoding.method import Sequential
+
 from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.decoding.stepper import Stepper
 from lineareval.keep import parse_keep
-from lineareval.runner import build_generator, build_policy
+from lineareval.factory import build_generator, build_policy
 from test_cache import oracle_masks, run_policy
 
 DEFAULT_SUITE = ("linear",)
@@ -65,7 +67,7 @@ def test_compiled_generator_samples_the_same_tokens(make_config):
         generator = build_generator(cfg, torch.device("cpu"), torch.float32)
         assert generator.compiled is compile and generator.decoder.stepper.compiled is compile
         tokens[compile] = generator.generate(torch.tensor([1, 2]), torch.arange(2), build_policy(cfg.cache), 24,
-                                             seed=3).tokens
+                                             seed=3, method=Sequential()).tokens
     assert torch.equal(tokens[False], tokens[True])
 
 

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from lineareval.decoding.method import Sequential
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
@@ -27,7 +29,7 @@ from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS
 from lineareval.cache.allocation import Budgets
 from lineareval.cache.store import LayerKV
 from lineareval.keep import parse_keep
-from lineareval.runner import build_generator, build_policy
+from lineareval.factory import build_generator, build_policy
 
 aten = torch.ops.aten
 # ATen ops that read a tensor's value on the host (scalars, truth values) or size their output by it
@@ -104,7 +106,7 @@ def compiled_generation(generator, policy, keep: str | Budgets, recorder, *, wid
         step.cuda_graphs, step.width_multiple = True, width_multiple
     budget = keep if isinstance(keep, Budgets) else parse_keep(keep).budget(generator.layout.num_visual)
     conditions = PROMPTS if generator.conditioning == "text" else torch.tensor([3, 7])
-    return generator.generate(conditions, torch.arange(2), policy, budget, seed=0)
+    return generator.generate(conditions, torch.arange(2), policy, budget, seed=0, method=Sequential())
 
 
 def keep_for(policy: str) -> str:
@@ -144,7 +146,7 @@ def test_every_budget_allocation_keeps_one_graph(make_config, policy, allocation
     """Per-layer budgets (pyramid: a store and an attention width per layer, each a dynamic size, equal until
     the layers first evict) and per-head budgets (adaptive_heads: heads' own counts under the cap, attention
     always masked): one graph for the whole generation, no host synchronisation."""
-    from lineareval.api import build_budgets
+    from lineareval.factory import build_budgets
 
     overrides = (f"budget_allocation={allocation}",)
     generator, built = tiny_generator(make_config, "llamagen", policy, *overrides)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from lineareval.decoding.method import Sequential
 from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR
@@ -24,7 +26,7 @@ from lineareval.demo.data import PHOTOS, SPLITS, crop_boxes, heldout_corner, loa
 from lineareval.keep import parse_keep
 from lineareval.models.checkpoint import CheckpointError, load_state_dict_file
 from lineareval.models.init import initialise_random
-from lineareval.runner import build_generator, build_policy
+from lineareval.factory import build_generator, build_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # the demo's image size
@@ -157,7 +159,7 @@ def kids() -> dict[str, float]:
         policy = build_policy(_compose(f"cache={cache}").cache)
         ids = torch.arange(SAMPLES)
         budget = parse_keep(keep).budget(generator.layout.num_visual)
-        tokens = generator.generate(ids % generator.num_classes, ids, policy, budget, seed=0).tokens
+        tokens = generator.generate(ids % generator.num_classes, ids, policy, budget, seed=0, method=Sequential()).tokens
         features = extract_features(generator.decode_images(tokens).numpy(), extractor, progress=False)
         return kernel_distance(features, reference)
 

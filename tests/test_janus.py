@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from lineareval.decoding.method import Sequential
 from transformers import JanusConfig, JanusForConditionalGeneration
 
 from conftest import CACHE_CONFIGS, decoder_depth, roundoff_tolerance
@@ -75,7 +77,7 @@ def test_greedy_generation_equals_transformers(janus, prompts):
     batch = len(prompts)
     expected = reference.generate(ids[:batch], attention_mask=present[:batch].long(), generation_mode="image",
                                   do_sample=False, guidance_scale=5.0)
-    ours = adapter(janus).generate(prompts, torch.arange(batch), Full(), 36, seed=0).tokens
+    ours = adapter(janus).generate(prompts, torch.arange(batch), Full(), 36, seed=0, method=Sequential()).tokens
     assert torch.equal(ours, expected)
     assert expected.unique().numel() > 3  # the test is not about a constant sequence
 

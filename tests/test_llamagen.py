@@ -7,6 +7,8 @@ import argparse
 import pytest
 import torch
 
+from lineareval.decoding.method import Sequential
+
 from lineareval.cache.full import Full
 from lineareval.models.checkpoint import CheckpointError
 from lineareval.models.llamagen import SIZES, LlamaGen, LlamaGenConfig, build_llamagen, rope_table_2d
@@ -110,8 +112,8 @@ def test_same_seed_and_index_give_the_same_sample_at_any_batch_size(make_config)
         parts = []
         for start in range(0, 8, batch):
             chunk = slice(start, start + batch)
-            parts.append(tiny_generator.generate(labels[chunk], ids[chunk], Full(), 64, seed=11).tokens)
+            parts.append(tiny_generator.generate(labels[chunk], ids[chunk], Full(), 64, seed=11, method=Sequential()).tokens)
         results.append(torch.cat(parts))
     assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
-    other_seed = tiny_generator.generate(labels, ids, Full(), 64, seed=12).tokens
+    other_seed = tiny_generator.generate(labels, ids, Full(), 64, seed=12, method=Sequential()).tokens
     assert (other_seed != results[0]).float().mean() > 0.5

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from lineareval.decoding.method import Sequential
 from tokenizers.pre_tokenizers import ByteLevel
 
 from conftest import CACHE_CONFIGS, decoder_depth, roundoff_tolerance
@@ -61,7 +63,7 @@ def test_layout_rows_end_with_new_line_and_linear_evicts_right_after_them(networ
     lumina = adapter(network)
     evictions = []
     generation = lumina.generate(["a red apple", "two cats"], torch.arange(2), policy_factory("linear"), 24, seed=1,
-                                 observer=lambda index, cache: evictions.append(cache.state.evictions))
+                                 method=Sequential(), observer=lambda index, cache: evictions.append(cache.state.evictions))
     tokens = generation.tokens
     assert lumina.layout.line_len == 9 and tokens.shape == (2, 72)
     rows = tokens.view(2, 8, 9)
@@ -101,7 +103,7 @@ def replay(network, ids, positions, present, tokens, policy, budget, line_len):
 @pytest.mark.parametrize("name", CACHE_CONFIGS)
 def test_both_cfg_caches_equal_masked_full_attention(network, policy_factory, name):
     lumina = adapter(network)
-    generation = lumina.generate(["a red apple", "two cats"], torch.arange(2), policy_factory(name), 72, seed=2)
+    generation = lumina.generate(["a red apple", "two cats"], torch.arange(2), policy_factory(name), 72, seed=2, method=Sequential())
     tokens, budget = generation.tokens, 72 if name == "full" else 24
     cond_ids, cond_present = lumina.family.prefix_batch(["a red apple", "two cats"])
     header = torch.tensor(lumina.family.image_header()).expand(2, -1)

@@ -14,11 +14,12 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency
 
-from conftest import CACHE_CONFIGS, tiny_llamagen
+from conftest import CACHE_CONFIGS, WithMethod, tiny_llamagen
+from lineareval.decoding.method import Sequential
 from lineareval.decoding.speculative import JacobiState, Speculative
 from lineareval.generators.base import Generator
 from lineareval.generators.llamagen import LlamaGenFamily
-from lineareval.runner import build_generator, build_policy
+from lineareval.factory import build_generator, build_policy
 from lineareval.sampling import SamplingConfig
 from test_compile_readiness import PROMPTS, TINY
 
@@ -35,9 +36,9 @@ def tiny_pair(make_config, family: str, policy: str, *extra: str):
     from lineareval.keep import parse_keep
 
     base = (*TINY[family], "weights=random", "decode_images=false", f"cache={policy}", "sampling.top_k=1", *extra)
-    sequential = build_generator(make_config(*base), torch.device("cpu"), torch.float32)
-    speculative = Generator.assemble("sjd", sequential.model, sequential.family, sequential.decoder.sampling,
-                                     "random", decoding=Speculative(window=5))
+    sequential = WithMethod(build_generator(make_config(*base), torch.device("cpu"), torch.float32), Sequential())
+    speculative = WithMethod(Generator.assemble("sjd", sequential.model, sequential.family, sequential.decoder.sampling,
+                                                "random"), Speculative(window=5))
     cfg = make_config(*base)
     budget = parse_keep(keep_for(policy)).budget(sequential.layout.num_visual)
     return sequential, speculative, build_policy(cfg.cache), budget
@@ -79,15 +80,15 @@ def tiny_sampler(window: int = 3, wrong: bool = False):
     model = tiny_llamagen(grid=2, layers=1, heads=2, dim=16, vocab=6, std=0.8, seed=3)
     family = LlamaGenFamily(model.layout, 10, None)
     sampling = SamplingConfig(1.5, -1, 1.0, 0, 1.0)
-    sequential = Generator.assemble("seq", model, family, sampling, "random")
-    speculative = Generator.assemble("sjd", model, family, sampling, "random", decoding=Speculative(window=window))
+    sequential = WithMethod(Generator.assemble("seq", model, family, sampling, "random"), Sequential())
+    speculative = WithMethod(Generator.assemble("sjd", model, family, sampling, "random"), Speculative(window=window))
     return sequential, speculative
 
 
 def first_verified_counts(generator, count: int, seed: int, policy) -> np.ndarray:
     """Counts of token 1: the first one SJD verifies, always against a random (uniform) draft first."""
     labels = torch.arange(count) % 10
-    tokens = generator.generate(labels, torch.arange(count), policy, 4, seed=seed).tokens
+    tokens = generator.generate(labels, torch.arange(count), policy, 4, seed=seed, method=Sequential()).tokens
     return np.bincount(tokens[:, 1].numpy(), minlength=6)
 
 
@@ -173,8 +174,8 @@ def test_per_step_policies_with_commit_eviction_follow_the_chunk_semantics(make_
 
     sequential, _, built, budget = tiny_pair(make_config, "llamagen", policy)
     model, layout = sequential.model, sequential.layout
-    speculative = Generator.assemble("sjd", model, sequential.family, sequential.decoder.sampling, "random",
-                                     decoding=Speculative(window=5, eviction="commit"))
+    speculative = WithMethod(Generator.assemble("sjd", model, sequential.family, sequential.decoder.sampling, "random"),
+                             Speculative(window=5, eviction="commit"))
     chunks, commit, decode_chunk = [], KVCache.commit, Stepper.decode_chunk
 
     def recording_chunk(self, tokens, first, cache, positions=None):

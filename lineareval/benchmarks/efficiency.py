@@ -34,7 +34,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from lineareval.api import build_budgets, build_decoding, build_policy, group_config, policy_names, timed_generation
+from lineareval.compose import group_config, policy_names
+from lineareval.factory import build_budgets, build_decoding, build_policy, timed_generation
 from lineareval.benchmarks.base import Benchmark
 from lineareval.benchmarks.samples import Samples
 from lineareval.cache import CachePolicy
@@ -154,7 +155,7 @@ class Efficiency(Benchmark):
         """Every (decoding, budget allocation, policy, keep) row, each composed by Hydra as `decoding=<d>
         budget_allocation=<a> cache=<p>` would be and checked against the model before anything runs."""
         known, entries = policy_names(), []
-        methods = [generator.decoder.method] if self.decodings is None else [
+        methods = [build_decoding(cfg.decoding)] if self.decodings is None else [
             build_decoding(group_config(cfg, "decoding", name)) for name in self.decodings]
         allocations = [cfg.get("budget_allocation")] if self.allocations is None else [
             group_config(cfg, "budget_allocation", name) for name in self.allocations]

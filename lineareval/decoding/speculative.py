@@ -31,7 +31,7 @@ token an earlier committed token's eviction would remove, and every policy keeps
 decoding keeps: greedy SJD gives the sequential tokens and caches. Per-step policies then gain only
 until their budget fills. `eviction: commit` lets windows of per-step policies run past evictions: the
 window's queries see the cache as the window began and evictions happen at commit, in order (the
-engine's chunk semantics, lineareval/cache/engine.py): faster, a slightly different model.
+engine's chunk semantics, lineareval/cache/schedule.py): faster, a slightly different model.
 
 Every draw of image b (draft, acceptance, residual) is keyed by (seed, sample id, position,
 iteration, purpose), and each image's window length depends only on its own state, so an image's
@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lineareval.decoding.method import DecodingMethod
+from lineareval.decoding.session import DecodeSession
 from lineareval.sampling import keyed_gumbel, keyed_uniform, speculative_keys
 
 DRAFT, ACCEPT, RESIDUAL, INIT = range(4)  # the purposes of speculative draws
@@ -54,7 +56,7 @@ EVICTIONS = ("exact", "commit")
 
 
 @dataclass
-class Speculative:
+class Speculative(DecodingMethod):
     """`decoding=sjd` (and `sjd_pp`, `gsd`): see the module docstring. `window`: drafts per iteration (the
     reference's 16); `max_iterations`: a bound per batch (None: N, which always suffices)."""
 
@@ -89,19 +91,17 @@ class Speculative:
     def describe(self) -> dict:
         return dict(vars(self))
 
-    def run(self, decoder, run) -> None:
-        """Sample every image's tokens into `run.tokens` (see `DecodeRun`), iteration by iteration."""
-        first = decoder.sample(decoder.family.constrain(decoder.guide(torch.cat(run.logits), 0)), run.seed,
-                               run.sample_ids, 0) if decoder.family.forced(0) is None else run.forced_column(0)
-        run.tokens[:, 0] = first
-        state = JacobiState(self, decoder, run)
-        limit = self.max_iterations or run.num_visual
+    def run(self, session: DecodeSession) -> dict:
+        """Sample every image's tokens into `session.tokens`, iteration by iteration; returns the statistics."""
+        session.tokens[:, 0] = session.sample(0)
+        state = JacobiState(self, session)
+        limit = self.max_iterations or session.num_visual
         while state.active.any():
             if state.iteration >= limit:
                 raise RuntimeError(f"speculative decoding did not finish in {limit} iterations (decoding."
                                    "max_iterations): every iteration commits at least one token per image")
             state.step()
-        run.stats.update(state.statistics())
+        return state.statistics()
 
 
 class JacobiState:
@@ -111,8 +111,8 @@ class JacobiState:
     are [committed, committed + window)). A proposal is a distribution (V,) or a point mass (`point`).
     """
 
-    def __init__(self, method: Speculative, decoder, run):
-        self.method, self.decoder, self.run = method, decoder, run
+    def __init__(self, method: Speculative, run: DecodeSession):
+        self.method, self.run = method, run
         batch, device = len(run.sample_ids), run.tokens.device
         self.committed = np.ones(batch, dtype=np.int64)  # tokens 0 .. committed-1 are final
         self.drafted = np.ones(batch, dtype=np.int64)  # positions below this have a draft (or are committed)
@@ -122,9 +122,9 @@ class JacobiState:
         self.iteration = 0
         self.finished_at = np.zeros(batch, dtype=np.int64)
         self.rejections = np.zeros(batch, dtype=np.int64)  # drafts rejected (each replaced by a residual draw)
-        allowed = torch.isfinite(decoder.family.constrain(torch.zeros(1, run.vocab, device=device)))[0]
+        allowed = run.allowed()
         self.uniform = allowed.float() / allowed.sum()
-        self.forced = torch.tensor([-1 if decoder.family.forced(index) is None else decoder.family.forced(index)
+        self.forced = torch.tensor([-1 if run.forced(index) is None else run.forced(index)
                                     for index in range(run.num_visual)], device=device)
 
     @property
@@ -151,7 +151,7 @@ class JacobiState:
         targets = (positions + 1).clamp(max=run.num_visual - 1)  # the positions verified
         drafts = self.ring(self.drafts, targets)  # (B, k)
         chunk = torch.cat([run.tokens.gather(1, positions[:, :1]), drafts[:, :-1]], dim=1)
-        p = run.probabilities(self.decoder, chunk, positions.clamp(max=run.num_visual - 1), starts)  # (B, k, V)
+        p = run.distributions(chunk, positions.clamp(max=run.num_visual - 1), starts)  # (B, k, V)
         valid = torch.arange(length, device=device) < torch.from_numpy(lengths).to(device)[:, None]
         accepted = self.verify(p, drafts, targets, valid)  # (B,) leading accepts
         run.commit(np.where(self.active, 1 + np.minimum(accepted, lengths - 1), 0))  # x_{c-1} and accepted drafts

@@ -11,6 +11,7 @@ import torch
 
 from lineareval.cache import CachePolicy, TokenLayout
 from lineareval.decoding.decoder import Decoder, Family, Generation, StepObserver, StepTimer
+from lineareval.decoding.method import DecodingMethod
 from lineareval.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -33,11 +34,10 @@ class Generator:
 
     @classmethod
     def assemble(cls, name: str, model: torch.nn.Module, family: Family, sampling: SamplingConfig, weights: str,
-                 weight_files: list[str] = (), *, compile: bool = False, backend: str = "inductor",
-                 decoding=None) -> Generator:
-        """A generator for a built network and its family, decoding under `sampling` with the method `decoding`
-        (None: sequential), compiled if asked."""
-        decoder = Decoder(model, family, sampling, compile=compile, backend=backend, method=decoding)
+                 weight_files: list[str] = (), *, compile: bool = False, backend: str = "inductor") -> Generator:
+        """A generator for a built network and its family, decoding under `sampling`, compiled if asked. The
+        decoding method is chosen per call of `generate`, not here."""
+        decoder = Decoder(model, family, sampling, compile=compile, backend=backend)
         return cls(name, model, family, decoder, weights, list(weight_files))
 
     @property
@@ -65,9 +65,10 @@ class Generator:
         return 2 * batch if self.decoder.sampling.guided else batch
 
     def generate(self, conditions, sample_ids: torch.Tensor, policy: CachePolicy, budget: int, seed: int,
-                 observer: StepObserver | None = None, timer: StepTimer | None = None, method=None) -> Generation:
-        """Tokens (B, N) for class labels (B,) or B prompts; see `Decoder.generate`."""
-        return self.decoder.generate(conditions, sample_ids, policy, budget, seed, observer, timer, method)
+                 method: DecodingMethod, observer: StepObserver | None = None,
+                 timer: StepTimer | None = None) -> Generation:
+        """Tokens (B, N) for class labels (B,) or B prompts with decoding `method`; see `Decoder.generate`."""
+        return self.decoder.generate(conditions, sample_ids, policy, budget, seed, method, observer, timer)
 
     @torch.inference_mode()
     def decode_images(self, tokens: torch.Tensor | None, size: int | None = None) -> torch.Tensor:

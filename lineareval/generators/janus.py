@@ -96,7 +96,7 @@ class JanusFamily:
 
 def load_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,
                 weights_dir: str, device: str | torch.device, dtype: torch.dtype, download: bool = True, seed: int = 0,
-                compile: bool = False, compile_backend: str = "inductor", decoding=None,
+                compile: bool = False, compile_backend: str = "inductor",
                 rope_inv_freq: str = "official", pad_token: str = "<｜▁pad▁｜>",
                 prompt_template: str = PROMPT_TEMPLATE, image_start: str = IMAGE_START) -> Generator:
     """Load from `conf/model/janus_pro_*.yaml`: `path` is a hub id or a local folder in transformers' layout

@@ -68,7 +68,6 @@ def load_llamagen(*, name: str, hub_repo: str | None, gpt_file: str | None, vq_f
                   gpt_ckpt: str | None, vq_ckpt: str | None, vq: dict, sampling: dict, weights: str,
                   weights_dir: str | Path, device: str | torch.device, dtype: torch.dtype,
                   download: bool = True, seed: int = 0, compile: bool = False, compile_backend: str = "inductor",
-                  decoding=None,
                   **gpt_fields) -> Generator:
     """Load from a `conf/model/llamagen*.yaml` block: official files unless `weights=random`.
 
@@ -99,4 +98,4 @@ def load_llamagen(*, name: str, hub_repo: str | None, gpt_file: str | None, vq_f
     tokenizer.to(device=device).eval()  # the tokenizer decodes in fp32, as the official sampler
     family = LlamaGenFamily(gpt.layout, config.num_classes, tokenizer)
     return Generator.assemble(name, gpt, family, SamplingConfig(**sampling), weights, [str(p) for p in paths],
-                              compile=compile, backend=compile_backend, decoding=decoding)
+                              compile=compile, backend=compile_backend)

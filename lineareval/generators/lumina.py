@@ -166,7 +166,7 @@ def missing_chameleon_files(folder: Path) -> list[str]:
 def load_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: dict, weights: str, weights_dir: str,
                  device: str | torch.device, dtype: torch.dtype, chameleon_dir: str | None = None,
                  tokens: dict | None = None, download: bool = True, seed: int = 0, compile: bool = False,
-                 compile_backend: str = "inductor", decoding=None, decode_images: bool = True,
+                 compile_backend: str = "inductor", decode_images: bool = True,
                  prompt_template: str = PROMPT_TEMPLATE) -> Generator:
     """Load from `conf/model/lumina_mgpt_*.yaml`: `path` is a hub id or a local folder.
 
@@ -199,7 +199,7 @@ def load_lumina(*, name: str, path: str, resolution: int, lm: dict, sampling: di
     family = LuminaFamily(tokenizer, resolution, torch.device(device), layout_tokens, vqgan, vocabulary,
                           prompt_template)
     return Generator.assemble(name, network.eval(), family, SamplingConfig(**sampling), weights, files,
-                              compile=compile, backend=compile_backend, decoding=decoding)
+                              compile=compile, backend=compile_backend)
 
 
 def _checkpoint_network(path: str, weights_dir: str, download: bool, dtype: torch.dtype, device,
