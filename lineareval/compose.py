@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lineareval.identity import register_resolvers
 
@@ -13,16 +13,42 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BASELINE = "full"  # the cache every policy is compared with: listed first
 
 
+NAMED_GROUPS = ("cache", "decoding", "budget_allocation")  # each option's `name` is its Hydra choice
+
+
+def name_choices(cfg: DictConfig, choices) -> DictConfig:
+    """Set `cfg.<group>.name` to the group's Hydra choice (the option's file name) for the named groups.
+
+    conf/config.yaml declares them as `${hydra:runtime.choices.<group>}`, which a Hydra app resolves
+    itself; composed outside an app, the literal choice stands in for the interpolation. A name is
+    written nowhere else: not in the option's YAML, not in its class."""
+    for group in NAMED_GROUPS:
+        if group in cfg and cfg[group] is not None and choices.get(group) is not None:
+            with open_dict(cfg[group]):
+                cfg[group].name = str(choices[group])
+    return cfg
+
+
 def compose_config(*overrides: str, return_hydra_config: bool = False) -> DictConfig:
-    """`conf/config.yaml` composed by Hydra with `overrides` (inside a running Hydra app, with its search path)."""
+    """`conf/config.yaml` composed by Hydra with `overrides` (inside a running Hydra app, with its search path),
+    each named group's `name` set to its choice (`name_choices`)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
+
+    def composed() -> DictConfig:
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+        name_choices(cfg, cfg.hydra.runtime.choices)
+        if not return_hydra_config:
+            with open_dict(cfg):
+                del cfg["hydra"]
+        return cfg
+
     if GlobalHydra.instance().is_initialized():
-        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+        return composed()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+        return composed()
 
 
 def config_options(group: str) -> list[str]:

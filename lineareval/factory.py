@@ -16,8 +16,8 @@ from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory, keep_freed_heap
 
 def build_policy(cache_cfg: DictConfig) -> CachePolicy:
-    """Instantiate `conf/cache/<name>.yaml`; `name` labels the record and is not a policy field."""
-    return call_target(cache_cfg, exclude=("name",))
+    """Instantiate `conf/cache/<name>.yaml`, named by its Hydra choice (`name` is not a policy field)."""
+    return call_target(cache_cfg, exclude=("name",)).named(cache_cfg.name)
 
 
 def build_decoding(decoding_cfg: DictConfig) -> DecodingMethod:
@@ -30,17 +30,17 @@ def build_decoding(decoding_cfg: DictConfig) -> DecodingMethod:
 
 
 def build_budgets(cfg: DictConfig, policy: CachePolicy, generator, keep: str | int | None = None,
-                  policy_name: str | None = None, allocation: DictConfig | None = None) -> Budgets:
+                  allocation: DictConfig | None = None) -> Budgets:
     """B = floor(keep * N) (the run's `keep` unless given), checked against what `policy` protects, spread over the
     model's layers (and heads) by `allocation` (a conf/budget_allocation/ config; the run's unless given)."""
     parsed = parse_keep(cfg.keep if keep is None else keep)
-    layout, name = generator.layout, policy_name or cfg.cache.name
+    layout, name = generator.layout, policy.name
     budget = parsed.budget(layout.num_visual)
     check_budget(parsed, budget, policy.minimum_budget(layout), layout.num_visual, policy=name, model=cfg.model.name)
     spec = generator.model.cache_spec()
     node = cfg.get("budget_allocation") if allocation is None else allocation
     return allocate(node, budget, layers=spec["num_layers"], heads=spec["heads"], layout=layout, policy=policy,
-                    policy_name=name, model=cfg.model.name)
+                    model=cfg.model.name)
 
 
 def build_generator(cfg: DictConfig, device: torch.device, dtype: torch.dtype):

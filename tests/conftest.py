@@ -6,17 +6,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import initialize_config_dir
 from omegaconf import DictConfig
 
-from lineareval.api import config_options, policy_names
+from lineareval.compose import compose_config, config_options, policy_names
 from lineareval.cache.allocation import Budgets, allocate
 from lineareval.identity import register_resolvers
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
 from lineareval.factory import build_policy
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-CACHE_CONFIGS = policy_names()  # every policy of conf/cache/, as Hydra lists the group
+TEST_CONF_DIR = Path(__file__).resolve().parent / "conf"  # test-only options (a Hydra search path)
+SHIPPED_POLICIES = policy_names()  # every policy of conf/cache/, as Hydra lists the group
+# ... and the test-only ones: a policy that keeps the oldest tokens (tests/oldest_policy.py) runs every
+# policy-parametrised test, as any policy a user writes must
+CACHE_CONFIGS = SHIPPED_POLICIES + ["oldest"]
 # every budget allocation of conf/budget_allocation/, the default (uniform) first
 ALLOCATION_CONFIGS = sorted(config_options("budget_allocation"), key=lambda name: (name != "uniform", name))
 MODEL_CONFIGS = sorted(path.stem for path in (CONF_DIR / "model").glob("*.yaml"))
@@ -33,8 +37,8 @@ def make_config(tmp_path, monkeypatch):
         # the tiny random LlamaGen unless a test names a model (run.py's default is the trained demo model)
         model = [] if any(override.startswith("model=") for override in overrides) else ["model=llamagen_tiny"]
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            return compose("config", overrides=[f"output_root={tmp_path / 'outputs'}", "device=cpu",
-                                                f"weights_dir={tmp_path / 'weights'}", *model, *overrides])
+            return compose_config(f"hydra.searchpath=[file://{TEST_CONF_DIR}]", f"output_root={tmp_path / 'outputs'}",
+                                  "device=cpu", f"weights_dir={tmp_path / 'weights'}", *model, *overrides)
 
     return _compose
 
@@ -53,7 +57,7 @@ def budgets_for(make_config):
         spec = model.cache_spec()
         return allocate(make_config(f"budget_allocation={allocation}").budget_allocation, budget,
                         layers=spec["num_layers"], heads=spec["heads"], layout=model.layout, policy=policy,
-                        policy_name=policy.name, model="tiny")
+                        model="tiny")
 
     return build
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, tiny_llamagen
+from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, SHIPPED_POLICIES, tiny_llamagen
 from lineareval.cache import TokenLayout
 from lineareval.cache.allocation import Budgets, allocate, pyramid, round_preserving_sum
 from lineareval.cache.selection import joint_victims
@@ -40,7 +40,7 @@ def test_every_allocation_keeps_the_uniform_total_and_what_each_policy_protects(
             if budget < minimum:
                 continue  # the runner stops before allocating (check_budget)
             budgets = allocate(node, budget, layers=shape["layers"], heads=shape["heads"], layout=layout,
-                               policy=policy, policy_name=name, model="test")
+                               policy=policy, model="test")
             assert budgets.name == allocation and budgets.visual_budget == budget
             assert len(budgets.layers) == shape["layers"] and sum(budgets.layers) == shape["layers"] * budget
             assert all(minimum <= value <= layout.num_visual for value in budgets.layers)
@@ -85,11 +85,10 @@ def test_an_allocation_that_breaks_the_total_stops_the_run(make_config, policy_f
     node._target_, node.name = f"{__name__}.off_by_one", "broken"
     with pytest.raises(BudgetError, match="budget_allocation=broken .* uniform total"):
         allocate(node, 16, layers=2, heads=4, layout=TINY["layout"], policy=policy_factory("linear"),
-                 policy_name="linear", model="tiny")
+                 model="tiny")
     with pytest.raises(ValueError, match="beta"):
         allocate(make_config("budget_allocation=pyramid", "budget_allocation.beta=0.5").budget_allocation, 16,
-                 layers=2, heads=4, layout=TINY["layout"], policy=policy_factory("linear"), policy_name="linear",
-                 model="tiny")
+                 layers=2, heads=4, layout=TINY["layout"], policy=policy_factory("linear"), model="tiny")
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -217,7 +216,7 @@ def test_the_report_shows_the_paired_fields_and_pairs_each_allocation_with_unifo
         records[cache, allocation] = run(make_config(*tiny, f"cache={cache}", f"keep={keep}",
                                                      f"budget_allocation={allocation}"))
     table = report.ordered(report.quality_table(report.finished_runs(tmp_path)))
-    order = [name for name in CACHE_CONFIGS if name in ("full", "linear", "window")]  # conf/cache/, full first
+    order = [name for name in SHIPPED_POLICIES if name in ("full", "linear", "window")]  # conf/cache/, full first
     assert list(zip(table.policy, table.allocation)) == [
         (name, allocation) for name in sorted(order, key=lambda name: name != "full")
         for allocation in {"full": ["uniform"], "window": ["uniform", "adaptive_heads"],
@@ -255,7 +254,7 @@ def test_the_allocations_grid_is_every_policy_allocation_and_keep_plus_the_full_
     from test_slurm import sweep_jobs
 
     jobs = sweep_jobs("allocations")
-    expected = itertools.product([name for name in CACHE_CONFIGS if name != "full"], ALLOCATION_CONFIGS, ["1/4", "1/8"])
+    expected = itertools.product([name for name in SHIPPED_POLICIES if name != "full"], ALLOCATION_CONFIGS, ["1/4", "1/8"])
     assert sorted((job.cache.name, job.budget_allocation.name, job.keep) for job in jobs) == sorted(expected)
     assert {(job.model.name, job.benchmark.name, job.num_samples, job.seed) for job in jobs} == {
         ("demo", "demo_fid", 400, 0)}

@@ -229,7 +229,7 @@ def test_padded_prefixes_with_random_chunks_equal_the_masked_forward(chameleon, 
     budget = layout.num_visual if name == "full" else parse_keep("1/2").budget(layout.num_visual)
     policy = policy_factory(name)
     budget = allocate(make_config(f"budget_allocation={allocation}").budget_allocation, budget, layers=2, heads=4,
-                      layout=layout, policy=policy, policy_name=name, model="chameleon")
+                      layout=layout, policy=policy, model="chameleon")
     stepper = Stepper(chameleon)
     cache = stepper.new_cache(policy, budget, sequences, layout, max_chunk=4)
     prefix = TextPrefix(ids[:, :3], positions[:, :3], present)

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from lineareval.decoding.method import Sequential
-from hydra import compose, initialize_config_dir
 
 from conftest import CONF_DIR
 from lineareval.identity import register_resolvers
@@ -26,6 +25,7 @@ from lineareval.demo.data import PHOTOS, SPLITS, crop_boxes, heldout_corner, loa
 from lineareval.keep import parse_keep
 from lineareval.models.checkpoint import CheckpointError, load_state_dict_file
 from lineareval.models.init import initialise_random
+from lineareval.compose import compose_config
 from lineareval.factory import build_generator, build_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +72,7 @@ def test_a_crop_is_its_photo_region():
 
 def _compose(*overrides: str):
     register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose("config", overrides=["model=demo", "device=cpu", *overrides])
+    return compose_config("model=demo", "device=cpu", *overrides)
 
 
 def test_committed_checkpoint_loads_strictly_and_matches_its_training_config():

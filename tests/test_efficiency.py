@@ -11,7 +11,7 @@ import torch
 
 from omegaconf import OmegaConf
 
-from conftest import CACHE_CONFIGS
+from conftest import SHIPPED_POLICIES
 from lineareval.cache import TokenLayout
 from lineareval.runner import run
 from test_compile_readiness import TINY as TINY_TEXT
@@ -22,7 +22,7 @@ def test_efficiency_table_has_every_policy_and_ratios(make_config):
                       "benchmark.keeps=[1/4,1/2]", "benchmark.warmup=0")
     record = run(cfg)
     rows = {(row["cache"], row["keep"]): row for row in record["rows"]}
-    expected = {("full", "1")} | {(name, keep) for name in CACHE_CONFIGS if name != "full" for keep in ("1/4", "1/2")}
+    expected = {("full", "1")} | {(name, keep) for name in SHIPPED_POLICIES if name != "full" for keep in ("1/4", "1/2")}
     assert set(rows) == expected
     assert rows["full", "1"]["speedup"] == 1.0 and rows["full", "1"]["visual_budget"] == 64
     for (name, keep), row in rows.items():

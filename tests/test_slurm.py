@@ -25,7 +25,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from lineareval.api import policy_names
+from lineareval.compose import compose_config, policy_names
 from lineareval.config import call_target
 from lineareval.identity import register_resolvers
 from lineareval.runner import run
@@ -60,7 +60,7 @@ def sweep_jobs(experiment: str, *overrides: str) -> list:
         loader = GlobalHydra.instance().config_loader()  # expands glob(*) over a config group, as the sweeper does
         parsed = OverridesParser.create(config_loader=loader).parse_overrides(params + arguments)
         (jobs,) = BasicSweeper.split_arguments(parsed, max_batch_size=None)
-        return [compose("config", overrides=job) for job in jobs]
+        return [compose_config(*job) for job in jobs]
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -88,7 +88,7 @@ def tiny_sampler(window: int = 3, wrong: bool = False):
 def first_verified_counts(generator, count: int, seed: int, policy) -> np.ndarray:
     """Counts of token 1: the first one SJD verifies, always against a random (uniform) draft first."""
     labels = torch.arange(count) % 10
-    tokens = generator.generate(labels, torch.arange(count), policy, 4, seed=seed, method=Sequential()).tokens
+    tokens = generator.generate(labels, torch.arange(count), policy, 4, seed=seed).tokens
     return np.bincount(tokens[:, 1].numpy(), minlength=6)
 
 

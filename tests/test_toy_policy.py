@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lineareval.api import policy_colors, policy_names
+from lineareval.compose import policy_colors, policy_names
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY_POLICY = '''"""A toy policy for tests/test_toy_policy.py: keeps the most recent tokens, like window."""
@@ -22,7 +22,6 @@ from lineareval.cache.policy import CachePolicy
 
 @dataclass
 class Toy(CachePolicy):
-    name = "toy"
     selects_by_position = True
 
     def score(self, view, context):
@@ -37,7 +36,7 @@ def toy():
     module = ROOT / "lineareval" / "cache" / f"{name}.py"
     config = ROOT / "conf" / "cache" / f"{name}.yaml"
     module.write_text(TOY_POLICY)
-    config.write_text(f"_target_: lineareval.cache.{name}.Toy\nname: {name}\n")
+    config.write_text(f"_target_: lineareval.cache.{name}.Toy\n")  # its name: the file's
     try:
         yield name
     finally:

@@ -166,7 +166,7 @@ class Efficiency(Benchmark):
                         raise FileNotFoundError(f"benchmark.policies names {name!r}, which is not a config of "
                                                 f"conf/cache/ (known: {', '.join(known)})")
                     policy = build_policy(group_config(cfg, "cache", name))
-                    budgets = build_budgets(cfg, policy, generator, keep=text, policy_name=name, allocation=allocation)
+                    budgets = build_budgets(cfg, policy, generator, keep=text, allocation=allocation)
                     entries.append(Entry(name, parse_keep(text).text, budgets, policy, method))
         return entries
 

@@ -68,7 +68,7 @@ class Budgets:
 
 def uniform(budget: int, layers: int, heads: int, layout: TokenLayout, policy: CachePolicy) -> Budgets:
     """B in every layer and head (the paper's allocation)."""
-    return Budgets(budget, (budget,) * layers, name="uniform")
+    return Budgets(budget, (budget,) * layers)
 
 
 def pyramid(budget: int, layers: int, heads: int, layout: TokenLayout, policy: CachePolicy,
@@ -86,8 +86,7 @@ def pyramid(budget: int, layers: int, heads: int, layout: TokenLayout, policy: C
         shares = [float(spread)]
     else:
         shares = [largest - (largest - smallest) * index / (layers - 1) for index in range(layers)]
-    return Budgets(budget, tuple(protected + share for share in round_preserving_sum(shares, spread * layers)),
-                   name="pyramid")
+    return Budgets(budget, tuple(protected + share for share in round_preserving_sum(shares, spread * layers)))
 
 
 def adaptive_heads(budget: int, layers: int, heads: int, layout: TokenLayout, policy: CachePolicy,
@@ -100,7 +99,7 @@ def adaptive_heads(budget: int, layers: int, heads: int, layout: TokenLayout, po
     protected = min(policy.minimum_budget(layout), budget)
     floor = protected + int(floor_alpha * (budget - protected))
     cap = min(layout.num_visual, max(budget, math.ceil(max_head_ratio * budget)))
-    return Budgets(budget, (budget,) * layers, (floor,) * layers, (cap,) * layers, name="adaptive_heads")
+    return Budgets(budget, (budget,) * layers, (floor,) * layers, (cap,) * layers)
 
 
 def round_preserving_sum(values: list[float], total: int) -> list[int]:
@@ -113,7 +112,7 @@ def round_preserving_sum(values: list[float], total: int) -> list[int]:
 
 
 def allocate(node, budget: int, *, layers: int, heads: int, layout: TokenLayout, policy: CachePolicy,
-             policy_name: str, model: str) -> Budgets:
+             model: str) -> Budgets:
     """Call `conf/budget_allocation/<name>.yaml` (`node`: its config, or None for uniform) and check the result:
     the uniform total, every layer at or above what the policy protects, heads' floors and caps around B_l."""
     from lineareval.config import call_target
@@ -124,7 +123,7 @@ def allocate(node, budget: int, *, layers: int, heads: int, layout: TokenLayout,
                           policy=policy)
     name = node.get("name", budgets.name)
     budgets = Budgets(budgets.visual_budget, budgets.layers, budgets.head_floor, budgets.head_cap, name)
-    check_budgets(budgets, budget, layers, layout, policy.minimum_budget(layout), policy=policy_name, model=model)
+    check_budgets(budgets, budget, layers, layout, policy.minimum_budget(layout), policy=policy.name, model=model)
     return budgets
 
 

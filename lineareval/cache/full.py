@@ -11,7 +11,6 @@ from lineareval.cache.policy import CachePolicy, EvictAt, TokenLayout
 class Full(CachePolicy):
     """Keeps every token; capacity prefix + N. Only `keep=1` is meaningful."""
 
-    name = "full"
     evicts_at = EvictAt.NEVER
 
     def minimum_budget(self, layout: TokenLayout) -> int:

@@ -19,7 +19,6 @@ from lineareval.cache.signals import AccumulatedAttention
 class H2O(CachePolicy):
     """Keeps `floor(heavy_ratio * B)` heavy hitters and the most recent `B - heavy` tokens."""
 
-    name = "h2o"
     heavy_ratio: float = 0.5
 
     def __post_init__(self) -> None:

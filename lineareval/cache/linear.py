@@ -28,7 +28,6 @@ class LineAR(CachePolicy):
            "cumulative" = attention received from all lines so far (H2O-like, computed at line ends).
     """
 
-    name = "linear"
     evicts_at = EvictAt.LINE_END
     anchors: int | str = "line"
     recent_lines: int = 1

@@ -108,7 +108,6 @@ class CacheView:
 class CachePolicy:
     """Base class: subclasses set the class variables, declare their signals and implement `score`."""
 
-    name: ClassVar[str] = "base"
     evicts_at: ClassVar[EvictAt] = EvictAt.STEP
     # An optional speed-up: True declares that scores depend only on slot positions (not on keys, values or
     # attention). In sequential decoding every layer, head and sequence then evicts the same slots, so the
@@ -116,6 +115,20 @@ class CachePolicy:
     # not called. The engine checks the declaration (reading keys or signals stops the run) and is correct
     # without it. Which tokens a policy may evict is not declared: any (lineareval/cache/selection.py).
     selects_by_position: ClassVar[bool] = False
+
+    @property
+    def name(self) -> str:
+        """The policy's Hydra choice (`conf/cache/<name>.yaml`, set by `named`); built in code, its class name."""
+        return getattr(self, "_name", type(self).__name__.lower())
+
+    def named(self, name: str) -> CachePolicy:
+        """The policy labelled with its Hydra choice."""
+        declared = getattr(type(self), "name")
+        if isinstance(declared, str) and declared != name:
+            raise ValueError(f"policy class {type(self).__name__} declares name {declared!r} but is configured as "
+                             f"cache={name}: remove the class attribute (the name is the config's file name)")
+        self._name = name
+        return self
 
     def signals(self) -> dict:
         """Name -> signal spec (lineareval/cache/signals.py) the engine keeps per layer for `score`."""

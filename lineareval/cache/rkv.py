@@ -49,7 +49,6 @@ from lineareval.cache.signals import WindowQueries
 class RKV(CachePolicy):
     """The last `window` tokens + the top B - window by mix_lambda * importance - (1 - mix_lambda) * redundancy."""
 
-    name = "rkv"
     window: int = 8
     kernel_size: int = 7
     mix_lambda: float = 0.07

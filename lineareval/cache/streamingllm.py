@@ -18,7 +18,6 @@ from lineareval.cache.policy import CachePolicy, CacheView, EvictionContext, Tok
 class StreamingLLM(CachePolicy):
     """Prefix + the first `sinks` visual tokens + the most recent `B - sinks`."""
 
-    name = "streamingllm"
     selects_by_position = True
     sinks: int = 4
 

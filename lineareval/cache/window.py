@@ -13,7 +13,6 @@ from lineareval.cache.policy import CachePolicy, CacheView, EvictionContext
 class Window(CachePolicy):
     """Evicts the oldest visual token every step once over budget (the no-scoring reference cost)."""
 
-    name = "window"
     selects_by_position = True
 
     def score(self, view: CacheView, context: EvictionContext) -> torch.Tensor:
