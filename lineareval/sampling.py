@@ -178,11 +178,6 @@ def keyed_gumbel(sample_ids: torch.Tensor, seed_key: int, counter_key: int | tor
     return keyed_uniform(sample_ids, seed_key, counter_key, width).log_().neg_().log_().neg_()
 
 
-def gumbel_noise(seed: int, sample_ids: torch.Tensor, counter: int, width: int) -> torch.Tensor:
-    """Standard Gumbel noise (B, width), float32, from the counter hash."""
-    return keyed_gumbel(sample_ids, *stream_keys(seed, counter), width)
-
-
 def class_labels(seed: int, sample_ids: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Uniform class label of each sample, a function of (seed, sample index) only. (B,) -> (B,)."""
     return counter_bits(seed, sample_ids, LABEL_STREAM, 1)[:, 0] % num_classes

@@ -37,7 +37,8 @@ def test_a_run_against_itself_is_exact(tmp_path):
     folder = fake_run(tmp_path / "run")
     features = np.random.default_rng(1).gamma(2.0, size=(5, 32))
     per_sample = sample_fidelity(folder, folder, features, features.copy())
-    assert np.all(per_sample["psnr"] == np.inf) and np.all(per_sample["ssim"] == 1.0)
+    assert "psnr" not in per_sample, "PSNR is pooled from the squared error, not averaged per sample"
+    assert np.all(per_sample["squared_error"] == 0) and np.all(per_sample["ssim"] == 1.0)
     assert np.all(per_sample["token_agreement"] == 1.0) and np.all(per_sample["first_difference"] == 64)
     np.testing.assert_allclose(per_sample["inception_cosine"], 1.0, rtol=0, atol=8 * np.finfo(float).eps)
     summary = fidelity_summary(per_sample, BootstrapSettings(replicates=20))
@@ -45,7 +46,8 @@ def test_a_run_against_itself_is_exact(tmp_path):
     assert summary["ssim"] == summary["ssim_ci_low"] == summary["ssim_ci_high"] == 1.0
     assert summary["token_agreement"] == summary["identical_samples"] == 1.0
     other = sample_fidelity(folder, fake_run(tmp_path / "other", seed=2), features, features[::-1])
-    assert np.all(other["psnr"] < 20) and np.all(other["ssim"] < 0.5) and np.all(other["token_agreement"] < 0.1)
+    assert np.all(other["squared_error"] > 255**2 / 10**2) and np.all(other["ssim"] < 0.5)  # PSNR < 20 dB each
+    assert np.all(other["token_agreement"] < 0.1)
 
 
 def write_identity(folder: Path, cache: str, keep: str = "1", seed: int = 0, count: int = 8,

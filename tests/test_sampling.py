@@ -5,7 +5,8 @@ import re
 import pytest
 import torch
 
-from lineareval.sampling import SamplingConfig, class_labels, counter_bits, filter_logits, gumbel_noise, sample_tokens
+from lineareval.sampling import (SamplingConfig, class_labels, counter_bits, filter_logits, keyed_gumbel, sample_tokens,
+                                 stream_keys)
 
 
 def test_draws_depend_only_on_seed_and_sample_index():
@@ -30,7 +31,7 @@ def test_bits_are_uniform():
 def test_gumbel_max_samples_the_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
     draws = 40_000
-    tokens = (logits + gumbel_noise(3, torch.arange(draws), 0, 5)).argmax(-1)
+    tokens = (logits + keyed_gumbel(torch.arange(draws), *stream_keys(3, 0), 5)).argmax(-1)
     frequencies = torch.bincount(tokens, minlength=5).double() / draws
     expected = torch.softmax(logits[0].double(), -1)
     assert (frequencies - expected).abs().max() < 0.01

@@ -58,6 +58,16 @@ class Family(Protocol):
         """Mask tokens the layout forbids (B, V)."""
 
 
+class DefaultHooks:
+    """The hooks of a family whose layout forces and forbids nothing (LlamaGen, Janus-Pro); others override."""
+
+    def forced(self, visual_index: int) -> int | None:
+        return None
+
+    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits
+
+
 @dataclass
 class Generation:
     """Sampled visual tokens (B, N), the caches that produced them (one per CFG branch if unbatched), the decoding
@@ -178,4 +188,4 @@ class Decoder:
         return Generation(session.tokens, caches, method.describe(), {"decoding": method.name, **stats})
 
 
-__all__ = ["Branch", "Decoder", "DecodingMethod", "Family", "Generation", "Sampler", "Sequential", "StepTimer"]
+__all__ = ["Branch", "Decoder", "DefaultHooks", "DecodingMethod", "Family", "Generation", "Sampler", "Sequential", "StepTimer"]

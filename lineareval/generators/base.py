@@ -76,6 +76,14 @@ class Generator:
         return self.family.decode_images(tokens, size)
 
 
+def to_images(pixels: torch.Tensor, size: int | None, to_uint8) -> torch.Tensor:
+    """Decoded pixels (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 by the family's `to_uint8` (each official
+    code rounds its own way); `size` resizes first, bicubic on the [-1, 1] tensor (LlamaGen's FID sampler)."""
+    if size is not None and pixels.shape[-1] != size:
+        pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic")
+    return to_uint8(pixels)
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows of different lengths -> left-padded ids (S, P) and the mask of real tokens (S, P)."""
     length = max(len(row) for row in rows)

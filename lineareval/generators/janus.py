@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from lineareval.cache import TokenLayout
-from lineareval.decoding.decoder import Branch
-from lineareval.generators.base import Generator, left_pad, load_tokenizer
+from lineareval.decoding.decoder import Branch, DefaultHooks
+from lineareval.generators.base import Generator, left_pad, load_tokenizer, to_images
 from lineareval.generators.text import bos_id, check_round_trip, is_real_tokenizer, vocabulary_id
 from lineareval.models.layers import TextPrefix
 from lineareval.sampling import SamplingConfig
@@ -33,7 +33,7 @@ IMAGE_START = "<begin_of_image>"
 
 
 @dataclass
-class JanusFamily:
+class JanusFamily(DefaultHooks):
     """Prompts in: one cache of [conditional; unconditional] prompt rows; images out through the VQ decoder."""
 
     tokenizer: object
@@ -79,19 +79,16 @@ class JanusFamily:
         layout = TokenLayout(ids.shape[1], self.side, self.side)
         return [Branch(TextPrefix(ids, positions, present), len(ids), layout, present.sum(1))]
 
-    def forced(self, visual_index: int) -> int | None:
-        return None
-
-    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
-
     def decode_images(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """(B, N) -> (B, H, W, 3) uint8, as the official `(x + 1) / 2 * 255` clipped and truncated;
         `size` resizes first (bicubic on the [-1, 1] tensor)."""
         pixels = self.vqmodel.decode(tokens.to(self.vqmodel.post_quant_conv.weight.device)).float()
-        if size is not None and pixels.shape[-1] != size:
-            pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bicubic")
-        return torch.clamp((pixels + 1) / 2 * 255, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+        return to_images(pixels, size, to_uint8)
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 as Janus's official `(x + 1) / 2 * 255`, clipped and truncated."""
+    return torch.clamp((pixels + 1) / 2 * 255, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
 
 def load_janus(*, name: str, path: str, text: dict, gen: dict, vq: dict, sampling: dict, weights: str,

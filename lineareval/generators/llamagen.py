@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from lineareval.cache import TokenLayout
-from lineareval.decoding.decoder import Branch
-from lineareval.generators.base import Generator
+from lineareval.decoding.decoder import Branch, DefaultHooks
+from lineareval.generators.base import Generator, to_images
 from lineareval.models.checkpoint import extract_model_state, load_into, load_state_dict_file
 from lineareval.models.init import initialise_random
 from lineareval.models.llamagen import LlamaGen, LlamaGenConfig
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LlamaGenFamily:
+class LlamaGenFamily(DefaultHooks):
     """Class labels in: one cache of [labels; null class] rows; images out through the VQ-16 decoder."""
 
     layout: TokenLayout
@@ -39,20 +39,11 @@ class LlamaGenFamily:
         offsets = torch.full_like(rows, self.layout.prefix_len)  # visual token i at sequence position 1 + i
         return [Branch(rows, len(rows), self.layout, offsets)]
 
-    def forced(self, visual_index: int) -> int | None:
-        return None
-
-    def constrain(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
-
     def decode_images(self, tokens: torch.Tensor, size: int | None = None) -> torch.Tensor:
         """(B, N) token ids -> (B, H, W, 3) uint8 images; `size` resizes first, bicubic on the [-1, 1]
         tensor, as LlamaGen's FID sampler does (384 -> 256)."""
         grid = (self.layout.rows, self.layout.line_len)
-        images = self.vq.decode_codes(tokens.to(self.vq.quant_conv.weight.device), grid)
-        if size is not None and images.shape[-1] != size:
-            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic")
-        return to_uint8(images)
+        return to_images(self.vq.decode_codes(tokens.to(self.vq.quant_conv.weight.device), grid), size, to_uint8)
 
 
 def _initialise_random(gpt: LlamaGen, vq: VQModel, seed: int) -> None:

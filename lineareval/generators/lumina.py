@@ -22,7 +22,7 @@ import torch
 
 from lineareval.cache import TokenLayout
 from lineareval.decoding.decoder import Branch
-from lineareval.generators.base import Generator, left_pad, load_tokenizer
+from lineareval.generators.base import Generator, left_pad, load_tokenizer, to_images
 from lineareval.generators.text import bos_id, check_round_trip, is_real_tokenizer
 from lineareval.models.chameleon import ChameleonLM
 from lineareval.models.layers import TextPrefix
@@ -146,10 +146,7 @@ class LuminaFamily:
             raise ValueError("token rows do not end with the new-line token: not a Lumina image layout")
         codes = self.vocabulary.bpe_to_code(rows[:, :, :-1].reshape(len(tokens), -1).cpu())
         device = next(self.vqgan.parameters()).device
-        images = self.vqgan.decode_codes(codes.to(device), (self.side, self.side))
-        if size is not None and images.shape[-1] != size:
-            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bicubic")
-        return to_uint8(images)
+        return to_images(self.vqgan.decode_codes(codes.to(device), (self.side, self.side)), size, to_uint8)
 
 
 # Meta's Chameleon image tokenizer, in model.chameleon_dir; the VQGAN weights are vqgan.safetensors (made by

@@ -4,7 +4,7 @@ Both runs hold the same samples (same condition and random draws per index, `lin
 so sample i of one is compared with sample i of the other:
 
 - `sample_fidelity`: per sample, the fraction of equal tokens, the index of the first differing token
-  (the number of tokens when none differs), the squared error, PSNR and SSIM of the decoded images
+  (the number of tokens when none differs), the squared error and SSIM of the decoded images
   (torchmetrics; uint8 values as floats, data range 255, SSIM with its default 11x11 Gaussian window,
   sigma 1.5) and the cosine similarity of their Inception pool features.
 - `fidelity_summary`: means over samples with percentile bootstrap intervals (resampling sample
@@ -44,16 +44,15 @@ def token_fidelity(tokens: np.ndarray, partner: np.ndarray) -> dict[str, np.ndar
 
 
 def image_fidelity(images: Iterator[np.ndarray], partner: Iterator[np.ndarray]) -> dict[str, np.ndarray]:
-    """Batches of uint8 (b, H, W, 3) images of both runs, in step -> per sample MSE, PSNR and SSIM."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+    """Batches of uint8 (b, H, W, 3) images of both runs, in step -> per sample squared error and SSIM (PSNR is
+    pooled from the squared error: `fidelity_summary`)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
 
-    parts: dict[str, list[np.ndarray]] = {"squared_error": [], "psnr": [], "ssim": []}
+    parts: dict[str, list[np.ndarray]] = {"squared_error": [], "ssim": []}
     for batch, partner_batch in zip(images, partner, strict=True):
         x, y = (torch.from_numpy(np.ascontiguousarray(b)).permute(0, 3, 1, 2).to(torch.float64)
                 for b in (batch, partner_batch))  # (b, 3, H, W)
         parts["squared_error"].append(((x - y) ** 2).mean(dim=(1, 2, 3)).numpy())
-        parts["psnr"].append(peak_signal_noise_ratio(x, y, data_range=DATA_RANGE, reduction="none",
-                                                     dim=(1, 2, 3)).numpy())
         parts["ssim"].append(structural_similarity_index_measure(x, y, data_range=DATA_RANGE,
                                                                  reduction="none").numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
@@ -73,7 +72,7 @@ def psnr_from_error(mean_squared_error: float | np.ndarray) -> float | np.ndarra
 
 def fidelity_summary(per_sample: dict[str, np.ndarray], settings: BootstrapSettings) -> dict:
     """Means (pooled PSNR) with percentile bootstrap intervals: `<name>`, `<name>_ci_low`, `<name>_ci_high`."""
-    names = [name for name in per_sample if name != "psnr"]  # squared_error gives the pooled PSNR
+    names = list(per_sample)  # squared_error gives the pooled PSNR
     n = len(per_sample[names[0]])
     point, values = replicates([MeanReplicates(per_sample[name]) for name in names], n, settings)
     record = {}
