@@ -95,7 +95,8 @@ def tiny_generator(make_config, family: str, policy: str, *extra: str):
     return generator, build_policy(cfg.cache)
 
 
-def compiled_generation(generator, policy, keep: str | Budgets, recorder, *, width_multiple: int = 1):
+def compiled_generation(generator, policy, keep: str | Budgets, recorder, *, width_multiple: int = 1,
+                        method=None):
     """A whole generation (two images) with the decode step compiled through Stepper.compile; `keep` may be the
     `Budgets` of a budget allocation."""
     torch._dynamo.reset()
@@ -106,7 +107,7 @@ def compiled_generation(generator, policy, keep: str | Budgets, recorder, *, wid
         step.cuda_graphs, step.width_multiple = True, width_multiple
     budget = keep if isinstance(keep, Budgets) else parse_keep(keep).budget(generator.layout.num_visual)
     conditions = PROMPTS if generator.conditioning == "text" else torch.tensor([3, 7])
-    return generator.generate(conditions, torch.arange(2), policy, budget, seed=0, method=Sequential())
+    return generator.generate(conditions, torch.arange(2), policy, budget, seed=0, method=method or Sequential())
 
 
 def keep_for(policy: str) -> str:
@@ -177,6 +178,33 @@ def test_text_models_decode_step_is_ready(make_config, family, policy):
     generation = compiled_generation(generator, built, keep_for(policy), recorder)
     check_ready(generation, recorder)
     assert len(recorder.graphs) == graphs_bound(generation.caches)
+
+
+def speculative_cases():
+    """Every policy on LlamaGen; LineAR on the text families (padded prompts; Lumina's second cache)."""
+    for family in ("llamagen", "janus", "lumina"):
+        for policy in CACHE_CONFIGS:
+            if family == "llamagen" or policy == "linear":
+                yield pytest.param(family, policy, id=f"{family}-{policy}")
+
+
+@pytest.mark.parametrize("family, policy", list(speculative_cases()))
+def test_the_speculative_verify_step_is_one_graph_without_host_sync(make_config, family, policy):
+    """SJD's verify step (a window of drafts per sequence, causal among themselves) compiled through the same
+    Stepper.compile: every chunk is padded to the window, so the whole generation is one graph per cache
+    kind, with no graph break and no host synchronisation; and its tokens are those of eager SJD."""
+    from lineareval.decoding.speculative import Speculative
+
+    generator, built = tiny_generator(make_config, family, policy, "sampling.top_k=1")
+    recorder = GraphRecorder()
+    generation = compiled_generation(generator, built, keep_for(policy), recorder, method=Speculative(window=4))
+    check_ready(generation, recorder)
+    assert len(recorder.graphs) == 1, f"{len(recorder.graphs)} graphs"
+    eager, _ = tiny_generator(make_config, family, policy, "sampling.top_k=1")
+    conditions = PROMPTS if eager.conditioning == "text" else torch.tensor([3, 7])
+    budget = parse_keep(keep_for(policy)).budget(eager.layout.num_visual)
+    expected = eager.generate(conditions, torch.arange(2), built, budget, seed=0, method=Speculative(window=4))
+    assert torch.equal(generation.tokens, expected.tokens)
 
 
 # ---- negative controls: each check fails on a step that breaks it ---------------------------------------

@@ -43,7 +43,7 @@ class Stepper:
     them. The step compiles to one graph per occupancy-mask state (at most two;
     tests/test_compile_readiness.py proves the bound and the absence of host synchronisation).
     Compilation happens on the first steps of the first generation (a warm-up, excluded from timing).
-    Multi-token chunks run eagerly.
+    Multi-token chunks (speculative decoding's verify step) compile too, padded to one window.
 
     On a CPU (fp32, MKL) every new cache also packs the model's `Linear` weights for products of as
     many rows as the cache has sequences (`pack_linears`), eager or compiled: a second copy of those
@@ -119,8 +119,21 @@ class Stepper:
     def decode_chunk(self, tokens: torch.Tensor, first: torch.Tensor, cache: KVCache,
                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """Feed a chunk: tokens (S, k), sequence s's visual tokens first[s] .. first[s] + k - 1, at RoPE positions
-        (S, k) (default: the layout's); logits (S, k, V). `cache.commit(counts)` then keeps a prefix of each."""
-        cache.begin_chunk(first, tokens.shape[1])
+        (S, k) (default: the layout's); logits (S, k, V). `cache.commit(counts)` then keeps a prefix of each.
+
+        Compiled, every chunk is padded to the cache's `max_chunk` (the speculative window): one static
+        shape, so the verify step is one graph like the one-token step. The padding repeats the last token
+        at the last position; it comes after the real tokens (causal: they never see it) and is rolled back
+        by the commit, which keeps at most the real k."""
+        length = tokens.shape[1]
         if positions is None:
-            positions = cache.step.chunk_positions
-        return self.model.step(tokens, positions, cache)  # eager: chunk shapes vary
+            positions = cache.layout.prefix_len + first[:, None].to(tokens.device) + torch.arange(
+                length, device=tokens.device)
+        if self.compiled and length < cache.max_chunk:
+            pad = cache.max_chunk - length
+            tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, pad)], dim=1)
+            positions = torch.cat([positions, positions[:, -1:].expand(-1, pad)], dim=1)
+        cache.begin_chunk(first, tokens.shape[1])
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        return self.step(tokens, positions, cache)[:, :length]
