@@ -29,6 +29,7 @@ from lineareval.config import call_target, resolve_device, resolve_dtype
 from lineareval.identity import register_resolvers
 from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory, keep_freed_heap
+from lineareval.validation import generation_inputs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BASELINE = "full"  # the cache every policy is compared with: listed first
@@ -177,15 +178,11 @@ class Pipeline:
         """Class labels (class-conditional models) or prompts (text models) -> tokens, images and cost. Sample k
         draws its randomness from (seed, sample_ids[k]) (default 0..B-1), as sample k of a run does; `decode`
         (default: the config's `decode_images`) turns the tokens into images."""
-        text = self.generator.conditioning == "text"
-        if (prompts is None) == (labels is None) or text != (prompts is not None):
-            raise ValueError(f"model {self.cfg.model.name} takes {'prompts=[...]' if text else 'labels=[...]'}")
-        conditions = list(prompts) if text else torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        conditions, ids, seed = generation_inputs(self.generator, self.cfg.model.name, labels, prompts, sample_ids,
+                                                  self.cfg.seed if seed is None else seed, self.device)
         count = len(conditions)
-        ids = torch.as_tensor(range(count) if sample_ids is None else sample_ids, dtype=torch.long,
-                              device=self.device)
         tokens, cost = timed_generation(self.generator, self.policy, self.budgets or self.budget, conditions, ids,
-                                        self.cfg.seed if seed is None else seed, self.device)
+                                        seed, self.device)
         images = None
         if self.cfg.decode_images if decode is None else decode:
             images = self.generator.decode_images(tokens).cpu().numpy()
