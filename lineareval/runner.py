@@ -213,14 +213,13 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     ranks.on_main(partial(runfolder.prepare, run_dir, resolved, {**identity, "fingerprint": fingerprint}, cfg.force))
 
     description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text} {budgets.name}"
-    mine, sampled = _sample_shards(cfg, ranks, generator, policy, budgets, samples, fingerprint, resolution, device,
+    todo, sampled = _sample_shards(cfg, ranks, generator, policy, budgets, samples, fingerprint, resolution, device,
                                    description)
     ranks.barrier()
     if not ranks.is_main:
-        return {"rank": ranks.rank, "shards": mine, "sampled_shards": sampled}
-    plan = shards.plan(len(samples), cfg.batch_size)
+        return {"rank": ranks.rank, "shards": todo, "sampled_shards": sampled}
     folder = run_dir / shards.SHARDS_DIR
-    cost = _merge(cfg, run_dir, plan, samples, fingerprint)
+    cost = _merge(cfg, run_dir, samples, fingerprint)
     record = RunRecord(
         model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budgets.visual_budget,
         batch_size=cfg.batch_size, num_samples=len(samples), seed=cfg.seed, weights=cfg.weights,
@@ -243,42 +242,60 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
 def _sample_shards(cfg: DictConfig, ranks: distributed.Ranks, generator, policy: CachePolicy, budget: Budgets,
                    samples, fingerprint: str, resolution: int | None, device: torch.device,
                    description: str) -> tuple[int, int]:
-    """Sample this rank's shards that are missing (or of another fingerprint); returns (its shards, sampled)."""
-    plan = shards.plan(len(samples), cfg.batch_size)
+    """Sample this rank's share of the samples no finished shard holds (of any batch size: sample i depends
+    only on (seed, i)); returns (the run's shards to sample, this rank's)."""
     folder = Path(cfg.run_dir) / shards.SHARDS_DIR
-    mine = [plan[index] for index in ranks.shards(len(plan))]
-    num_tokens = generator.layout.num_visual
-    todo = [shard for shard in mine if not shards.is_complete(folder, shard, num_tokens, cfg.decode_images, fingerprint)]
-    log.info("rank %d of %d: %d of its %d shards to sample", ranks.rank, ranks.world_size, len(todo), len(mine))
+    # rank 0 checks every finished shard and removes the unusable; then every rank lists the same ones
+    ranks.on_main(partial(shards.finished, folder, len(samples), generator.layout.num_visual, cfg.decode_images,
+                          fingerprint))
+    pieces, gaps = shards.cover(shards.listed(folder, len(samples)), len(samples))
+    ranks.barrier()  # all have listed before any writes a new shard
+    todo = shards.missing(gaps, cfg.batch_size)
+    mine = [todo[index] for index in ranks.shards(len(todo))]
+    reused = sum(piece.stop - piece.start for piece in pieces)
+    log.info("rank %d of %d: %d of the run's %d shards to sample (%d of %d samples finished)", ranks.rank,
+             ranks.world_size, len(mine), len(todo), reused, len(samples))
     if ranks.distributed:
         description += f" rank {ranks.rank}/{ranks.world_size}"
-    progress = tqdm(total=sum(shard.size for shard in mine), initial=sum(shard.size for shard in mine) -
-                    sum(shard.size for shard in todo), desc=description, unit="img", disable=not ranks.is_main)
+    progress = tqdm(total=len(samples), initial=len(samples) - sum(shard.size for shard in todo), desc=description,
+                    unit="img", disable=not ranks.is_main)
     with progress:
-        for shard in todo:
+        for shard in mine:
             ids, conditions = samples.batch(shard.start, shard.stop, device)
             tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device)
             images = decode(generator, tokens, resolution).cpu().numpy() if cfg.decode_images else None
             shards.save(folder, shard, tokens.cpu().numpy(), images, cost, fingerprint)
             progress.update(shard.size)
-    return len(mine), len(todo)
+    return len(todo), len(mine)
 
 
-def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fingerprint: str) -> dict:
+def _merge(cfg: DictConfig, run_dir: Path, samples, fingerprint: str) -> dict:
     """Merge the shards into tokens.npz / samples.npz / samples.png; returns the cost fields of the record."""
     folder = run_dir / shards.SHARDS_DIR
-    load = partial(shards.load, folder, fingerprint=fingerprint)
-    tokens, costs = zip(*((tokens, cost) for tokens, _, cost in map(load, plan)))
+    pieces, gaps = shards.cover(shards.listed(folder, len(samples)), len(samples))
+    if gaps:
+        raise RuntimeError(f"{folder} lacks samples {', '.join(f'{gap.start}..{gap.stop - 1}' for gap in gaps)} after "
+                           "sampling (a shard removed while this run held the folder); run the command again")
+
+    def load(piece: shards.Piece) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        tokens, images, cost = shards.load(folder, piece.shard, fingerprint=fingerprint)
+        return tokens[piece.rows], None if images is None else images[piece.rows], cost
+
+    tokens, costs = zip(*((tokens, cost) for tokens, _, cost in map(load, pieces)))
     write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate(tokens), **samples.arrays)
     if cfg.decode_images:  # streamed, shard by shard
-        write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0", (load(shard)[1] for shard in plan), len(samples))
-        shown = [load(shard)[1] for shard in plan[:-(-cfg.grid_images // cfg.batch_size)]]  # the first grid_images
-        save_grid(np.concatenate(shown), run_dir / "samples.png", cfg.grid_images)
+        write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0", (load(piece)[1] for piece in pieces), len(samples))
+        shown = [piece for index, piece in enumerate(pieces) if index == 0 or pieces[index - 1].stop < cfg.grid_images]
+        save_grid(np.concatenate([load(piece)[1] for piece in shown]), run_dir / "samples.png", cfg.grid_images)
+    # a piece of a larger shard (resumed at another batch size) costs its share of that shard's time
+    shares = [(piece.stop - piece.start) / piece.shard.size for piece in pieces]
+    costs = [{**cost, "generation_s": cost["generation_s"] * share} for cost, share in zip(costs, shares)]
     total_time = sum(cost["generation_s"] for cost in costs)
     worst = {key: max(cost[key] for cost in costs)
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
-    sizes = [shard.size for shard in plan]
+    sizes = [piece.stop - piece.start for piece in pieces]
+    batches = len(shards.plan(len(samples), cfg.batch_size))  # the run's batches (resumed pieces: their share)
     decoding = {key: sum(cost[key] * size for cost, size in zip(costs, sizes)) / len(samples)
                 for key in DECODING_STATS if all(key in cost for cost in costs)}  # means over images
-    return {"peak_memory_method": costs[0]["peak_memory_method"], **worst, "latency_s_per_batch": total_time / len(costs),
+    return {"peak_memory_method": costs[0]["peak_memory_method"], **worst, "latency_s_per_batch": total_time / batches,
             "generation_time_s": total_time, "images_per_s": len(samples) / total_time, "decoding_stats": decoding}
