@@ -166,6 +166,7 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
         suite = benchmark.suite
         unpinned = () if suite else tuple(field for field in ("device", "dtype") if cfg[field] == "auto")
         existing = None if cfg.force else runfolder.existing_result(run_dir, identity, unpinned)
+        existing = runfolder.usable_result(run_dir, existing, cfg.decode_images, writable=lock is not None)
         if lock is not None:  # rank 0 holding the folder (not a read-only one)
             runfolder.remove_leftovers(run_dir, finished=existing is not None)
         if cfg.stage == "evaluate" and existing is None and benchmark.scores_external_images:
@@ -282,7 +283,8 @@ def _merge(cfg: DictConfig, run_dir: Path, samples, fingerprint: str) -> dict:
         return tokens[piece.rows], None if images is None else images[piece.rows], cost
 
     tokens, costs = zip(*((tokens, cost) for tokens, _, cost in map(load, pieces)))
-    write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate(tokens), **samples.arrays)
+    write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate(tokens), **samples.arrays,
+                     fingerprint=np.array(fingerprint))  # checked against the record before a skip
     if cfg.decode_images:  # streamed, shard by shard
         write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0", (load(piece)[1] for piece in pieces), len(samples))
         shown = [piece for index, piece in enumerate(pieces) if index == 0 or pieces[index - 1].stop < cfg.grid_images]
