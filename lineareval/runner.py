@@ -44,6 +44,7 @@ from lineareval.record import (METRICS_FILE, RunRecord, StorageError, environmen
                                write_json_atomic, write_npz_atomic, write_npz_stacked_atomic)
 from lineareval.runfolder import RunConflictError, RunInterrupted
 from lineareval.runlock import RunLockedError
+from lineareval.validation import check_components, check_conditions
 
 log = logging.getLogger(__name__)
 # A decoding method's per-image statistics in a shard's cost, averaged over images into the record (those every
@@ -100,6 +101,7 @@ def run_suite(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path, identit
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     generator = build_generator(cfg, device, dtype)
+    check_conditions(cfg, generator)
     runfolder.prepare(run_dir, resolved, {**identity, "fingerprint": run_fingerprint(cfg, {})}, cfg.force)
     rows = benchmark.run_suite(cfg, generator, device)
     environment = environment_info(device)
@@ -152,6 +154,7 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dict:
     """Check the fields, lock the run folder (rank 0, for every rank), then skip, evaluate or generate."""
     check_run_fields(cfg)  # before the folder is touched or a model loaded
+    check_components(cfg)
     run_dir = Path(cfg.run_dir)
     benchmark = call_target(cfg.benchmark, exclude=("name",))
     if benchmark.suite and ranks.distributed:
@@ -201,6 +204,7 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     dtype = resolve_dtype(cfg.dtype, device)
     policy = build_policy(cfg.cache)
     generator = build_generator(cfg, device, dtype)
+    check_conditions(cfg, generator)
     layout = generator.layout
     budgets = build_budgets(cfg, policy, generator)  # B from keep, spread by budget_allocation
     if cfg.decode_images and not generator.can_decode:

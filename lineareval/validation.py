@@ -96,3 +96,32 @@ def generation_inputs(generator, model: str, labels, prompts, sample_ids, seed,
         conditions = torch.as_tensor(check_labels(labels, generator.num_classes, model), device=device)
     ids = torch.as_tensor(check_sample_ids(sample_ids, len(conditions)), device=device)
     return conditions, ids, check_seed(seed)
+
+
+def check_components(cfg) -> None:
+    """Build the run's decoding method and cache policy (cheap dataclasses) so that their field checks
+    (decoding.group_probability=2, cache.sinks=-1) fail before the run folder is created or a model loaded."""
+    from lineareval.api import build_decoding, build_policy
+
+    build_decoding(cfg.decoding)
+    build_policy(cfg.cache)
+
+
+TEXT_FIELDS = {"prompt": None, "prompts_file": None, "images_per_prompt": 1}  # each at its default: unused
+
+
+def check_conditions(cfg, generator) -> None:
+    """What needs the built model: text fields on a class-conditional model (they would be ignored) and a
+    speculative iteration bound that no image could meet."""
+    if generator.conditioning == "class":
+        given = [f"{field}={cfg.get(field)!r}" for field, default in TEXT_FIELDS.items()
+                 if cfg.get(field) not in (default, "")]
+        if given:
+            raise ValueError(f"{', '.join(given)}: model {cfg.model.name} is class-conditional and takes no prompts; "
+                             "drop them (its class labels come from seed and num_samples) or choose a text model")
+    bound = cfg.decoding.get("max_iterations")
+    needed = generator.layout.num_visual - 1  # the first token comes before the loop; each iteration commits >= 1
+    if bound is not None and bound < needed:
+        raise ValueError(f"decoding.max_iterations={bound} is below the {needed} iterations an image of model "
+                         f"{cfg.model.name} can need (N - 1, each iteration commits at least one of its N = "
+                         f"{needed + 1} tokens): set decoding.max_iterations=null or >= {needed}")

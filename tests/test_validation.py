@@ -3,6 +3,8 @@ value, never a silently different sample (the null class, a wrapped seed, a trun
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -60,3 +62,52 @@ def test_valid_inputs_of_every_integer_kind_sample_the_same_tokens(pipe):
     for labels in (np.array([3, 9], dtype=np.int32), torch.tensor([3, 9])):
         again = pipe.generate(labels=labels, seed=np.uint32(2**32 - 1), sample_ids=np.array([5, 6])).tokens
         assert np.array_equal(again, reference)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (("decoding=sjd", "decoding.max_iterations=0"), r"decoding.max_iterations must be null .* or an integer >= 1, "
+                                                    r"got 0"),
+    (("decoding=sjd", "decoding.max_iterations=-1"), r"decoding.max_iterations must be null .* got -1"),
+    (("decoding=sjd", "decoding.max_iterations=2.5"), r"decoding.max_iterations must be null .* got 2.5"),
+    (("decoding=gsd", "decoding.group_radius=-1"), r"decoding.group_radius must be an integer >= 0, got -1"),
+    (("decoding=gsd", "decoding.group_probability=2"), r"decoding.group_probability must be in \(0, 1\), got 2"),
+    (("decoding=gsd", "decoding.group_probability=0"), r"decoding.group_probability must be in \(0, 1\), got 0"),
+    (("decoding=sjd", "decoding.window=0"), r"decoding.window must be an integer >= 1, got 0"),
+    (("cache=streamingllm", "cache.sinks=-1"), r"streamingllm sinks must be an integer >= 0, got -1"),
+    (("cache=streamingllm", "cache.sinks=1.5"), r"streamingllm sinks must be an integer >= 0, got 1.5"),
+])
+def test_nonsense_decoding_and_policy_fields_are_refused_before_the_run_folder_exists(make_config, overrides,
+                                                                                      message):
+    from lineareval.runner import run
+
+    cfg = make_config(*overrides)
+    with pytest.raises(ValueError, match=message):
+        run(cfg)
+    assert not Path(cfg.run_dir).exists()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("prompt=a red apple", "prompt"),
+    ("prompts_file=prompts.txt", "prompts_file"),
+    ("images_per_prompt=4", "images_per_prompt"),
+])
+def test_text_fields_on_a_class_conditional_model_are_refused(make_config, override, field):
+    from lineareval.runner import run
+
+    cfg = make_config("weights=random", override)
+    with pytest.raises(ValueError, match=rf"{field}=.* model llamagen_tiny is class-conditional.*num_samples"):
+        run(cfg)
+    assert not (Path(cfg.run_dir) / "config.yaml").exists()
+
+
+def test_speculative_decoding_with_too_few_iterations_is_refused_before_sampling(make_config, monkeypatch):
+    """decoding.max_iterations=1 could never finish an image (each iteration commits at least one of N tokens)."""
+    import lineareval.runner as runner
+    from lineareval.runner import run
+
+    calls = []
+    monkeypatch.setattr(runner, "timed_generation", lambda *args: calls.append(args))
+    cfg = make_config("weights=random", "decoding=sjd", "decoding.max_iterations=1")
+    with pytest.raises(ValueError, match=r"decoding.max_iterations=1 is below the 255 iterations .*max_iterations=null"):
+        run(cfg)
+    assert calls == [] and not (Path(cfg.run_dir) / "config.yaml").exists()
