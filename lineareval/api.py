@@ -29,6 +29,7 @@ from lineareval.config import call_target, resolve_device, resolve_dtype
 from lineareval.identity import register_resolvers
 from lineareval.keep import check_budget, parse_keep
 from lineareval.memory import PeakMemory, keep_freed_heap
+from lineareval.threads import cpu_info
 from lineareval.validation import generation_inputs
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -188,7 +189,8 @@ class Pipeline:
             images = self.generator.decode_images(tokens).cpu().numpy()
         record = {"model": self.cfg.model.name, "cache": self.cfg.cache.name, "keep": str(self.cfg.keep),
                   "visual_budget": self.budget, "batch_size": count, "policy": self.policy.describe(),
-                  **(self.budgets.describe() if self.budgets else {"budget_allocation": "uniform"}), **cost}
+                  **(self.budgets.describe() if self.budgets else {"budget_allocation": "uniform"}), **cost,
+                  **cpu_info()}
         return Output(tokens.cpu().numpy(), images, record)
 
 

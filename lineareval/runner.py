@@ -31,7 +31,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from lineareval import distributed, runfolder, shards
+from lineareval import distributed, runfolder, shards, threads
 from lineareval.api import build_budgets, build_generator, build_policy, timed_generation
 from lineareval.benchmarks.paired import PairedRequest
 from lineareval.cache import CachePolicy
@@ -90,7 +90,7 @@ def evaluate_external(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
     device = resolve_device(cfg.device)
     record = {"benchmark": cfg.benchmark.name, "model": "external", "cache": None, "keep": None, "num_samples": None,
-              "seed": cfg.seed, **environment_info(device)}
+              "seed": cfg.seed, **environment_info(device), **threads.cpu_info()}
     return evaluate_run(run_dir, benchmark, record, device)
 
 
@@ -107,7 +107,7 @@ def run_suite(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path, identit
     environment = environment_info(device)
     record = {"benchmark": cfg.benchmark.name, "model": cfg.model.name, "weights": cfg.weights,
               "weights_files": generator.weight_files, "dtype": str(dtype).removeprefix("torch."),
-              "device": str(device), **environment, "rows": rows}
+              "device": str(device), **environment, **threads.cpu_info(), "rows": rows}
     table = pd.DataFrame(rows).assign(device_name=environment["device_name"], weights=cfg.weights)
     write_csv_atomic(run_dir / "efficiency.csv", table)
     write_json_atomic(run_dir / METRICS_FILE, record)  # last: marks the run finished
@@ -131,6 +131,7 @@ def run(cfg: DictConfig) -> dict:
     after logging how to resume.
     """
     ranks = distributed.setup()
+    threads.configure()  # this process's share of the usable cores
     logger = call_target(cfg.logger, exclude=("name",)) if ranks.is_main else NoLogger()
     # resolved once: the default run_dir hashes the config, which code may later change (efficiency sets a prompt)
     cfg.run_dir = str(cfg.run_dir)
@@ -233,7 +234,8 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
         **{key: value for key, value in cost.items() if key != "decoding_stats"}, **environment_info(device),
         extra={"policy": policy.describe(), **budgets.describe(), "decoding": generator.decoder.method.describe(),
                "distribution_preserving": generator.decoder.method.distribution_preserving, **cost["decoding_stats"],
-               "evaluated": False, "world_size": ranks.world_size, "run_fingerprint": fingerprint})
+               "evaluated": False, "world_size": ranks.world_size, "run_fingerprint": fingerprint,
+               **threads.cpu_info()})
     save_record(record, run_dir)  # generation is safe on disk before any scoring starts
     shutil.rmtree(folder)  # merged into tokens.npz / samples.npz (a kill before this: the next run removes it)
     if cfg.stage == "all":
