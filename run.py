@@ -33,6 +33,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except RunInterrupted:  # SIGTERM: the runner has logged how to resume; exit as a process killed by it would
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C: likewise, without the traceback
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -103,8 +103,23 @@ def check_components(cfg) -> None:
     (decoding.group_probability=2, cache.sinks=-1) fail before the run folder is created or a model loaded."""
     from lineareval.api import build_decoding, build_policy
 
+    check_device(cfg.device)
     build_decoding(cfg.decoding)
     build_policy(cfg.cache)
+
+
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_device(name) -> None:
+    """A ValueError unless `device` is auto, cpu, cuda or cuda:N (whether CUDA is there is checked when used,
+    so a finished GPU run can still be skipped on a CPU node)."""
+    try:
+        device = torch.device(str(name)) if name != "auto" else None
+    except RuntimeError:
+        device = False
+    if device is False or device is not None and device.type not in DEVICE_TYPES:
+        raise ValueError(f"device={name} is not a device this project runs on: use auto, cpu, cuda or cuda:N")
 
 
 TEXT_FIELDS = {"prompt": None, "prompts_file": None, "images_per_prompt": 1}  # each at its default: unused
