@@ -111,3 +111,23 @@ def test_speculative_decoding_with_too_few_iterations_is_refused_before_sampling
     with pytest.raises(ValueError, match=r"decoding.max_iterations=1 is below the 255 iterations .*max_iterations=null"):
         run(cfg)
     assert calls == [] and not (Path(cfg.run_dir) / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".json", ".jsonl"])
+def test_a_binary_prompts_file_is_named_in_the_error(tmp_path, suffix):
+    from lineareval.benchmarks.samples import load_prompts
+
+    path = tmp_path / f"prompts{suffix}"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match=rf"prompts_file {path} is not UTF-8 text .*byte 0x[0-9a-f]{{2}} at "
+                                         r"offset \d+"):
+        load_prompts(None, str(path))
+
+
+def test_a_malformed_json_prompts_file_is_named_in_the_error(tmp_path):
+    from lineareval.benchmarks.samples import load_prompts
+
+    path = tmp_path / "prompts.json"
+    path.write_text('["a red apple", ')
+    with pytest.raises(ValueError, match=rf"prompts_file {path} is not valid JSON"):
+        load_prompts(None, str(path))
