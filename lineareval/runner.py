@@ -293,6 +293,7 @@ def _merge(cfg: DictConfig, run_dir: Path, samples, fingerprint: str) -> dict:
                      fingerprint=np.array(fingerprint))  # checked against the record before a skip
     if cfg.decode_images:  # streamed, shard by shard
         write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0", (load(piece)[1] for piece in pieces), len(samples))
+    if cfg.decode_images and cfg.grid_images > 0:
         shown = [piece for index, piece in enumerate(pieces) if index == 0 or pieces[index - 1].stop < cfg.grid_images]
         save_grid(np.concatenate([load(piece)[1] for piece in shown]), run_dir / "samples.png", cfg.grid_images)
     # a piece of a larger shard (resumed at another batch size) costs its share of that shard's time

@@ -131,3 +131,24 @@ def test_a_malformed_json_prompts_file_is_named_in_the_error(tmp_path):
     path.write_text('["a red apple", ')
     with pytest.raises(ValueError, match=rf"prompts_file {path} is not valid JSON"):
         load_prompts(None, str(path))
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, "many"])
+def test_a_bad_grid_images_fails_before_sampling_not_after(make_config, monkeypatch, value):
+    import lineareval.runner as runner
+    from lineareval.runner import run
+
+    calls = []
+    monkeypatch.setattr(runner, "timed_generation", lambda *args: calls.append(args))
+    cfg = make_config("weights=random", f"grid_images={value}")
+    with pytest.raises(ValueError, match=r"grid_images must be an integer >= 0 \(0: no samples.png\)"):
+        run(cfg)
+    assert calls == [] and not Path(cfg.run_dir).exists()
+
+
+def test_grid_images_0_writes_no_grid(make_config):
+    from lineareval.runner import run
+
+    cfg = make_config("weights=random", "num_samples=2", "batch_size=2", "model.image_size=128", "grid_images=0")
+    run(cfg)
+    assert (Path(cfg.run_dir) / "samples.npz").exists() and not (Path(cfg.run_dir) / "samples.png").exists()
