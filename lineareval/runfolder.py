@@ -52,6 +52,10 @@ def lock(run_dir: Path, force: bool) -> RunLock | None:
         if error.read_only and not force and is_finished(run_dir):
             log.warning("%s; it holds a finished run, which is only read", error)
             return None
+        if error.read_only and is_finished(run_dir):  # force=true
+            raise StorageError(f"{error}. It holds a finished run, but force=true reruns it, which needs to write: "
+                               "drop force=true to use the finished run as it is, or set output_root= (or run_dir=) "
+                               "to writable storage to rerun it there.", read_only=True) from error
         raise StorageError(f"{error}, and it holds no finished run to skip: this run needs to write. Set "
                            "output_root= (or run_dir=) to writable storage.", read_only=True) from error
 
