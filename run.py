@@ -4,14 +4,18 @@ import logging
 import signal
 import sys
 
-import hydra
-from omegaconf import DictConfig
+from lineareval.threads import prefer_passive_waits
 
-from lineareval.identity import register_resolvers
-from lineareval.keep import BudgetError
-from lineareval.models.checkpoint import CheckpointError
-from lineareval.models.weights import MissingWeightsError
-from lineareval.runner import RunConflictError, RunInterrupted, RunLockedError, StorageError, run
+prefer_passive_waits()  # before torch loads its OpenMP runtime: idle threads sleep instead of spinning
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from lineareval.identity import register_resolvers  # noqa: E402
+from lineareval.keep import BudgetError  # noqa: E402
+from lineareval.models.checkpoint import CheckpointError  # noqa: E402
+from lineareval.models.weights import MissingWeightsError  # noqa: E402
+from lineareval.runner import RunConflictError, RunInterrupted, RunLockedError, StorageError, run  # noqa: E402
 
 log = logging.getLogger("lineareval")
 USER_ERRORS = (BudgetError, CheckpointError, MissingWeightsError, RunConflictError, RunLockedError, StorageError,
@@ -29,6 +33,8 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     except RunInterrupted:  # SIGTERM: the runner has logged how to resume; exit as a process killed by it would
         sys.exit(128 + signal.SIGTERM)
+    except KeyboardInterrupt:  # Ctrl-C: likewise, without the traceback
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

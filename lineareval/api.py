@@ -27,6 +27,8 @@ from lineareval.compose import compose_config, config_options, policy_colors, po
 from lineareval.config import resolve_device, resolve_dtype
 from lineareval.decoding.method import DecodingMethod
 from lineareval.factory import build_budgets, build_decoding, build_generator, build_policy, timed_generation
+from lineareval.threads import cpu_info
+from lineareval.validation import generation_inputs
 
 __all__ = ["Output", "Pipeline", "compose_config", "config_options", "load", "policy_colors", "policy_names"]
 
@@ -62,15 +64,11 @@ class Pipeline:
         """Class labels (class-conditional models) or prompts (text models) -> tokens, images and cost. Sample k
         draws its randomness from (seed, sample_ids[k]) (default 0..B-1), as sample k of a run does; `decode`
         (default: the config's `decode_images`) turns the tokens into images."""
-        text = self.generator.conditioning == "text"
-        if (prompts is None) == (labels is None) or text != (prompts is not None):
-            raise ValueError(f"model {self.cfg.model.name} takes {'prompts=[...]' if text else 'labels=[...]'}")
-        conditions = list(prompts) if text else torch.as_tensor(labels, dtype=torch.long, device=self.device)
+        conditions, ids, seed = generation_inputs(self.generator, self.cfg.model.name, labels, prompts, sample_ids,
+                                                  self.cfg.seed if seed is None else seed, self.device)
         count = len(conditions)
-        ids = torch.as_tensor(range(count) if sample_ids is None else sample_ids, dtype=torch.long,
-                              device=self.device)
         tokens, cost = timed_generation(self.generator, self.policy, self.budgets or self.budget, conditions, ids,
-                                        self.cfg.seed if seed is None else seed, self.device, self.decoding)
+                                        seed, self.device, self.decoding)
         images = None
         if self.cfg.decode_images if decode is None else decode:
             images = self.generator.decode_images(tokens).cpu().numpy()
@@ -78,7 +76,7 @@ class Pipeline:
                   "visual_budget": self.budget, "batch_size": count, "policy": self.policy.describe(),
                   **(self.budgets.describe() if self.budgets else {"budget_allocation": "uniform"}),
                   **{key: value for key, value in cost.items() if key != "decoding_method"},
-                  "decoding": cost["decoding_method"]}
+                  "decoding": cost["decoding_method"], **cpu_info()}
         return Output(tokens.cpu().numpy(), images, record)
 
 

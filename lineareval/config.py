@@ -15,7 +15,6 @@ def path_safe(value) -> str:
 
 
 STAGES = ("generate", "evaluate", "all")
-SEED_LIMIT = 2**32  # the sampler's counter hash takes the seed modulo 2**32: larger seeds would repeat smaller ones
 
 
 def check_run_fields(cfg) -> None:
@@ -24,11 +23,11 @@ def check_run_fields(cfg) -> None:
     Cheap and first, so a typo fails before the run folder is locked or a model is loaded.
     """
     from lineareval.sampling import check_sampling_field
+    from lineareval.validation import check_seed
 
     if cfg.stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
-    if not _is_int(cfg.seed) or not 0 <= cfg.seed < SEED_LIMIT:
-        raise ValueError(f"seed must be an integer in [0, 2**32), got {cfg.seed!r}")
+    check_seed(cfg.seed)  # the API's rule too
     for field in ("num_samples", "batch_size"):
         if not _is_int(cfg[field]) or cfg[field] < 1:
             raise ValueError(f"{field} must be a positive integer, got {cfg[field]!r}")

@@ -36,7 +36,8 @@ def build_budgets(cfg: DictConfig, policy: CachePolicy, generator, keep: str | i
     parsed = parse_keep(cfg.keep if keep is None else keep)
     layout, name = generator.layout, policy.name
     budget = parsed.budget(layout.num_visual)
-    check_budget(parsed, budget, policy.minimum_budget(layout), layout.num_visual, policy=name, model=cfg.model.name)
+    check_budget(parsed, budget, policy.minimum_budget(layout), layout.num_visual, policy=name, model=cfg.model.name,
+                 fields=policy.describe())
     spec = generator.model.cache_spec()
     node = cfg.get("budget_allocation") if allocation is None else allocation
     return allocate(node, budget, layers=spec["num_layers"], heads=spec["heads"], layout=layout, policy=policy,

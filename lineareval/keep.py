@@ -69,10 +69,18 @@ def parse_keep(value: str | int | float) -> Keep:
     return Keep(text, fraction=fraction)
 
 
-def check_budget(keep: Keep, budget: int, minimum: int, num_visual: int, *, policy: str, model: str) -> None:
-    """Stop with a clear message if `budget` is below what `policy` must protect on `model`."""
+def check_budget(keep: Keep, budget: int, minimum: int, num_visual: int, *, policy: str, model: str,
+                 fields: dict | None = None) -> None:
+    """Stop with a clear message if `budget` is below what `policy` (its knobs `fields`) must protect on `model`."""
     if budget >= minimum:
         return
+    if minimum > num_visual:  # no keep can reach it: the policy's own fields are wrong for this model
+        counts = [f"cache.{name}={value}" for name, value in (fields or {}).items()
+                  if isinstance(value, int) and not isinstance(value, bool) and value > 0]
+        raise BudgetError(
+            f"cache={policy} {'with ' + ', '.join(counts) + ' ' if counts else ''}always protects {minimum} tokens, "
+            f"more than the N={num_visual} visual tokens of model={model}: no budget can hold them. Lower what the "
+            f"policy protects (its window, sinks, recent lines or anchors) so it is below N={num_visual}.")
     smallest = Fraction(minimum, num_visual)
     raise BudgetError(
         f"keep={keep.text} gives a visual budget of {budget} tokens, but cache={policy} on model={model} "

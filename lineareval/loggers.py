@@ -33,6 +33,9 @@ class NoLogger:
         pass
 
 
+INIT_MARGIN_S = 5.0  # W&B's own init timeout is this much shorter than the run's wait (`init_timeout_s`)
+
+
 def call_with_timeout(call: Callable[[], Any], timeout_s: float, what: str) -> Any:
     """`call()` in a daemon thread; TimeoutError after `timeout_s` (the thread is left to end on its own:
     a daemon thread never keeps the process alive), its own exception otherwise."""
@@ -96,13 +99,14 @@ class WandbLogger:
         import wandb
 
         name = "/".join(Path(run_dir).parts[-6:])
-        settings = wandb.Settings(init_timeout=self.init_timeout_s)
+        # W&B's own timeout ends its attempt a little before ours, which ends the wait at init_timeout_s exactly
+        settings = wandb.Settings(init_timeout=max(1.0, self.init_timeout_s - INIT_MARGIN_S))
         try:
             return call_with_timeout(
                 lambda: wandb.init(project=self.project, entity=self.entity, mode=self.mode, tags=list(self.tags),
                                    dir=self.dir or str(run_dir), config=self.config, name=name,
                                    reinit="finish_previous", settings=settings),
-                self.init_timeout_s + 5, "W&B start")  # W&B's own init_timeout first, ours as the backstop
+                self.init_timeout_s, "W&B start")  # W&B's own init_timeout first, ours as the backstop
         except Exception as error:
             log.warning("W&B unavailable (%s: %s) %s", type(error).__name__, str(error).splitlines()[0] if str(error)
                         else "", consequence)

@@ -25,6 +25,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from lineareval import shards
+from lineareval.finished import DamagedRunError, check_finished
 from lineareval.identity import config_identity, differences
 from lineareval.record import (METRICS_FILE, StorageError, is_finished, load_record, remove_temporaries,
                                write_json_atomic, write_text_atomic)
@@ -51,6 +52,10 @@ def lock(run_dir: Path, force: bool) -> RunLock | None:
         if error.read_only and not force and is_finished(run_dir):
             log.warning("%s; it holds a finished run, which is only read", error)
             return None
+        if error.read_only and is_finished(run_dir):  # force=true
+            raise StorageError(f"{error}. It holds a finished run, but force=true reruns it, which needs to write: "
+                               "drop force=true to use the finished run as it is, or set output_root= (or run_dir=) "
+                               "to writable storage to rerun it there.", read_only=True) from error
         raise StorageError(f"{error}, and it holds no finished run to skip: this run needs to write. Set "
                            "output_root= (or run_dir=) to writable storage.", read_only=True) from error
 
@@ -93,6 +98,23 @@ def existing_result(run_dir: Path, identity: dict, unpinned: tuple[str, ...] = (
                "Leave run_dir at its default (one folder per configuration) or set run_dir=... to keep both; pass "
                "force=true to replace it (this samples everything again).")
     return load_record(run_dir)
+
+
+def usable_result(run_dir: Path, existing: dict | None, decode_images: bool, writable: bool) -> dict | None:
+    """`existing` if its files are whole; else None after removing its metrics.json (so it is sampled again),
+    or, where the folder cannot be written (`writable` false), a DamagedRunError naming the file."""
+    if existing is None:
+        return None
+    try:
+        check_finished(run_dir, existing, decode_images)
+    except DamagedRunError as error:
+        if not writable:
+            raise DamagedRunError(f"{error}: this finished run is damaged and its folder cannot be written to redo "
+                                  "it. Set output_root= (or run_dir=) to writable storage.") from error
+        log.warning("%s; the finished run is damaged: sampling it again", error)
+        (run_dir / METRICS_FILE).unlink(missing_ok=True)
+        return None
+    return existing
 
 
 def remove_leftovers(run_dir: Path, finished: bool) -> None:

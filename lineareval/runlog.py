@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 
 class RunLogHandler(logging.FileHandler):
@@ -31,3 +35,26 @@ class RunLogHandler(logging.FileHandler):
                                  "logging to the terminal only\n")
                 return
         super().emit(record)
+
+
+class RunDirCheck(Callback):
+    """Hydra callback: the run folder Hydra is about to create (`hydra.run.dir`), checked before it does.
+
+    Hydra makes that folder before the run starts, so on read-only storage (or a root without permission)
+    it stopped with a bare PermissionError traceback. Here the same failure says where and what to do, and
+    exits 2 as run.py's other user errors do. An existing folder (a finished run on read-only storage, which
+    can still be skipped) passes: nothing is created.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from lineareval.record import storage_error
+
+        run_dir = Path(str(config.hydra.run.dir))
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            known = storage_error(run_dir, error)
+            message = str(known) if known else (f"could not create the run folder {run_dir}: {error.strerror}; set "
+                                                "output_root= (or run_dir=) to a folder this user can write")
+            sys.stderr.write(f"StorageError: {message}\n")
+            sys.exit(2)

@@ -32,7 +32,7 @@ from PIL import Image
 from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
-from lineareval import distributed, runfolder, shards
+from lineareval import distributed, runfolder, shards, threads
 from lineareval.factory import build_budgets, build_decoding, build_generator, build_policy, timed_generation
 from lineareval.benchmarks.paired import PairedRequest
 from lineareval.cache import CachePolicy
@@ -46,6 +46,7 @@ from lineareval.record import (METRICS_FILE, BudgetAllocation, Decoding, RunReco
                                write_npz_stacked_atomic)
 from lineareval.runfolder import RunConflictError, RunInterrupted
 from lineareval.runlock import RunLockedError
+from lineareval.validation import check_components, check_conditions
 
 log = logging.getLogger(__name__)
 # A decoding method's per-image statistics in a shard's cost, averaged over images into the record (those every
@@ -91,7 +92,7 @@ def evaluate_external(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
     device = resolve_device(cfg.device)
     record = {"benchmark": cfg.benchmark.name, "model": "external", "cache": None, "keep": None, "num_samples": None,
-              "seed": cfg.seed, **environment_info(device)}
+              "seed": cfg.seed, **environment_info(device), **threads.cpu_info()}
     return evaluate_run(run_dir, benchmark, record, device)
 
 
@@ -102,12 +103,13 @@ def run_suite(cfg: DictConfig, benchmark, resolved: dict, run_dir: Path, identit
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     generator = build_generator(cfg, device, dtype)
+    check_conditions(cfg, generator)
     runfolder.prepare(run_dir, resolved, {**identity, "fingerprint": run_fingerprint(cfg, {})}, cfg.force)
     rows = benchmark.run_suite(cfg, generator, device)
     environment = environment_info(device)
     record = {"benchmark": cfg.benchmark.name, "model": cfg.model.name, "weights": cfg.weights,
               "weights_files": generator.weight_files, "dtype": str(dtype).removeprefix("torch."),
-              "device": str(device), **environment, "rows": rows}
+              "device": str(device), **environment, **threads.cpu_info(), "rows": rows}
     table = pd.DataFrame(rows).assign(device_name=environment["device_name"], weights=cfg.weights)
     write_csv_atomic(run_dir / "efficiency.csv", table)
     write_json_atomic(run_dir / METRICS_FILE, record)  # last: marks the run finished
@@ -131,6 +133,7 @@ def run(cfg: DictConfig) -> dict:
     after logging how to resume.
     """
     ranks = distributed.setup()
+    threads.configure()  # this process's share of the usable cores
     logger = call_target(cfg.logger, exclude=("name",)) if ranks.is_main else NoLogger()
     # resolved once: the default run_dir hashes the config, which code may later change (efficiency sets a prompt)
     cfg.run_dir = str(cfg.run_dir)
@@ -154,6 +157,7 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dict:
     """Check the fields, lock the run folder (rank 0, for every rank), then skip, evaluate or generate."""
     check_run_fields(cfg)  # before the folder is touched or a model loaded
+    check_components(cfg)
     run_dir = Path(cfg.run_dir)
     benchmark = call_target(cfg.benchmark, exclude=("name",))
     if benchmark.suite and ranks.distributed:
@@ -168,6 +172,7 @@ def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dic
         suite = benchmark.suite
         unpinned = () if suite else tuple(field for field in ("device", "dtype") if cfg[field] == "auto")
         existing = None if cfg.force else runfolder.existing_result(run_dir, identity, unpinned)
+        existing = runfolder.usable_result(run_dir, existing, cfg.decode_images, writable=lock is not None)
         if lock is not None:  # rank 0 holding the folder (not a read-only one)
             runfolder.remove_leftovers(run_dir, finished=existing is not None)
         if cfg.stage == "evaluate" and existing is None and benchmark.scores_external_images:
@@ -203,6 +208,7 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     policy = build_policy(cfg.cache)
     method = build_decoding(cfg.decoding)
     generator = build_generator(cfg, device, dtype)
+    check_conditions(cfg, generator)
     layout = generator.layout
     budgets = build_budgets(cfg, policy, generator)  # B from keep, spread by budget_allocation
     if cfg.decode_images and not generator.can_decode:
@@ -216,14 +222,13 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
     ranks.on_main(partial(runfolder.prepare, run_dir, resolved, {**identity, "fingerprint": fingerprint}, cfg.force))
 
     description = f"{cfg.model.name} {cfg.cache.name} keep={keep.text} {budgets.name}"
-    mine, sampled = _sample_shards(cfg, ranks, generator, policy, budgets, method, samples, fingerprint, resolution,
+    todo, sampled = _sample_shards(cfg, ranks, generator, policy, budgets, method, samples, fingerprint, resolution,
                                    device, description)
     ranks.barrier()
     if not ranks.is_main:
-        return {"rank": ranks.rank, "shards": mine, "sampled_shards": sampled}
-    plan = shards.plan(len(samples), cfg.batch_size)
+        return {"rank": ranks.rank, "shards": todo, "sampled_shards": sampled}
     folder = run_dir / shards.SHARDS_DIR
-    cost = _merge(cfg, run_dir, plan, samples, fingerprint)
+    cost = _merge(cfg, run_dir, samples, fingerprint)
     record = RunRecord(
         model=cfg.model.name, cache=cfg.cache.name, keep=keep.text, visual_budget=budgets.visual_budget,
         batch_size=cfg.batch_size, num_samples=len(samples), seed=cfg.seed, weights=cfg.weights,
@@ -235,7 +240,7 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
         budget_allocation=BudgetAllocation.parse(budgets.describe()),
         extra={"policy": policy.describe(), "distribution_preserving": method.distribution_preserving,
                **cost["decoding_stats"], "evaluated": False, "world_size": ranks.world_size,
-               "run_fingerprint": fingerprint})
+               "run_fingerprint": fingerprint, **threads.cpu_info()})
     save_record(record, run_dir)  # generation is safe on disk before any scoring starts
     shutil.rmtree(folder)  # merged into tokens.npz / samples.npz (a kill before this: the next run removes it)
     if cfg.stage == "all":
@@ -249,37 +254,56 @@ def _generate(cfg: DictConfig, ranks: distributed.Ranks, benchmark, resolved: di
 def _sample_shards(cfg: DictConfig, ranks: distributed.Ranks, generator, policy: CachePolicy, budget: Budgets,
                    method, samples, fingerprint: str, resolution: int | None, device: torch.device,
                    description: str) -> tuple[int, int]:
-    """Sample this rank's shards that are missing (or of another fingerprint); returns (its shards, sampled)."""
-    plan = shards.plan(len(samples), cfg.batch_size)
+    """Sample this rank's share of the samples no finished shard holds (of any batch size: sample i depends
+    only on (seed, i)); returns (the run's shards to sample, this rank's)."""
     folder = Path(cfg.run_dir) / shards.SHARDS_DIR
-    mine = [plan[index] for index in ranks.shards(len(plan))]
-    num_tokens = generator.layout.num_visual
-    todo = [shard for shard in mine if not shards.is_complete(folder, shard, num_tokens, cfg.decode_images, fingerprint)]
-    log.info("rank %d of %d: %d of its %d shards to sample", ranks.rank, ranks.world_size, len(todo), len(mine))
+    # rank 0 checks every finished shard and removes the unusable; then every rank lists the same ones
+    ranks.on_main(partial(shards.finished, folder, len(samples), generator.layout.num_visual, cfg.decode_images,
+                          fingerprint))
+    pieces, gaps = shards.cover(shards.listed(folder, len(samples)), len(samples))
+    ranks.barrier()  # all have listed before any writes a new shard
+    todo = shards.missing(gaps, cfg.batch_size)
+    mine = [todo[index] for index in ranks.shards(len(todo))]
+    reused = sum(piece.stop - piece.start for piece in pieces)
+    log.info("rank %d of %d: %d of the run's %d shards to sample (%d of %d samples finished)", ranks.rank,
+             ranks.world_size, len(mine), len(todo), reused, len(samples))
     if ranks.distributed:
         description += f" rank {ranks.rank}/{ranks.world_size}"
-    progress = tqdm(total=sum(shard.size for shard in mine), initial=sum(shard.size for shard in mine) -
-                    sum(shard.size for shard in todo), desc=description, unit="img", disable=not ranks.is_main)
+    progress = tqdm(total=len(samples), initial=len(samples) - sum(shard.size for shard in todo), desc=description,
+                    unit="img", disable=not ranks.is_main)
     with progress:
-        for shard in todo:
+        for shard in mine:
             ids, conditions = samples.batch(shard.start, shard.stop, device)
             tokens, cost = timed_generation(generator, policy, budget, conditions, ids, cfg.seed, device, method)
             images = decode(generator, tokens, resolution).cpu().numpy() if cfg.decode_images else None
             shards.save(folder, shard, tokens.cpu().numpy(), images, cost, fingerprint)
             progress.update(shard.size)
-    return len(mine), len(todo)
+    return len(todo), len(mine)
 
 
-def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fingerprint: str) -> dict:
+def _merge(cfg: DictConfig, run_dir: Path, samples, fingerprint: str) -> dict:
     """Merge the shards into tokens.npz / samples.npz / samples.png; returns the cost fields of the record."""
     folder = run_dir / shards.SHARDS_DIR
-    load = partial(shards.load, folder, fingerprint=fingerprint)
-    tokens, costs = zip(*((tokens, cost) for tokens, _, cost in map(load, plan)))
-    write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate(tokens), **samples.arrays)
+    pieces, gaps = shards.cover(shards.listed(folder, len(samples)), len(samples))
+    if gaps:
+        raise RuntimeError(f"{folder} lacks samples {', '.join(f'{gap.start}..{gap.stop - 1}' for gap in gaps)} after "
+                           "sampling (a shard removed while this run held the folder); run the command again")
+
+    def load(piece: shards.Piece) -> tuple[np.ndarray, np.ndarray | None, dict]:
+        tokens, images, cost = shards.load(folder, piece.shard, fingerprint=fingerprint)
+        return tokens[piece.rows], None if images is None else images[piece.rows], cost
+
+    tokens, costs = zip(*((tokens, cost) for tokens, _, cost in map(load, pieces)))
+    write_npz_atomic(run_dir / "tokens.npz", tokens=np.concatenate(tokens), **samples.arrays,
+                     fingerprint=np.array(fingerprint))  # checked against the record before a skip
     if cfg.decode_images:  # streamed, shard by shard
-        write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0", (load(shard)[1] for shard in plan), len(samples))
-        shown = [load(shard)[1] for shard in plan[:-(-cfg.grid_images // cfg.batch_size)]]  # the first grid_images
-        save_grid(np.concatenate(shown), run_dir / "samples.png", cfg.grid_images)
+        write_npz_stacked_atomic(run_dir / "samples.npz", "arr_0", (load(piece)[1] for piece in pieces), len(samples))
+    if cfg.decode_images and cfg.grid_images > 0:
+        shown = [piece for index, piece in enumerate(pieces) if index == 0 or pieces[index - 1].stop < cfg.grid_images]
+        save_grid(np.concatenate([load(piece)[1] for piece in shown]), run_dir / "samples.png", cfg.grid_images)
+    # a piece of a larger shard (resumed at another batch size) costs its share of that shard's time
+    shares = [(piece.stop - piece.start) / piece.shard.size for piece in pieces]
+    costs = [{**cost, "generation_s": cost["generation_s"] * share} for cost, share in zip(costs, shares)]
     ran = {json.dumps(cost.get("decoding_method"), sort_keys=True) for cost in costs}
     if len(ran) != 1 or "null" in ran:
         raise RunConflictError(f"the shards in {folder} were decoded by {sorted(ran)} (null: a shard older than the "
@@ -287,8 +311,10 @@ def _merge(cfg: DictConfig, run_dir: Path, plan: list[shards.Shard], samples, fi
     total_time = sum(cost["generation_s"] for cost in costs)
     worst = {key: max(cost[key] for cost in costs)
              for key in ("kv_cache_capacity_bytes", "kv_cache_high_water_bytes", "peak_memory_bytes")}
-    sizes = [shard.size for shard in plan]
+    sizes = [piece.stop - piece.start for piece in pieces]
+    batches = len(shards.plan(len(samples), cfg.batch_size))  # the run's batches (resumed pieces: their share)
     decoding = {key: sum(cost[key] * size for cost, size in zip(costs, sizes)) / len(samples)
                 for key in DECODING_STATS if all(key in cost for cost in costs)}  # means over images
-    return {"peak_memory_method": costs[0]["peak_memory_method"], "decoding_method": costs[0]["decoding_method"], **worst, "latency_s_per_batch": total_time / len(costs),
+    return {"peak_memory_method": costs[0]["peak_memory_method"], "decoding_method": costs[0]["decoding_method"],
+            **worst, "latency_s_per_batch": total_time / batches,
             "generation_time_s": total_time, "images_per_s": len(samples) / total_time, "decoding_stats": decoding}

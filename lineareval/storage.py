@@ -33,6 +33,12 @@ class StorageError(RuntimeError):
 
 def storage_error(path: Path, error: OSError) -> StorageError | None:
     """A StorageError saying what failed, where, and what to do; None for an error that is not about storage."""
+    limit = _file_size_limit()
+    if error.errno == errno.EFBIG and limit is not None:  # the process's limit, not the disk's
+        return StorageError(f"could not write {path}: {error.strerror}: it would exceed the file size limit of this "
+                            f"process (ulimit -f: {limit // 1024} KiB). Nothing half-written is kept and the run is "
+                            "not marked finished: raise the limit (`ulimit -f unlimited`) and run the same command "
+                            "again; finished shards are reused.")
     if error.errno in FULL_ERRNOS:
         free = _free_bytes(path)
         shown = f"{free / 2**30:.2f} GiB" if free >= 2**30 else f"{free / 2**20:.1f} MiB"
@@ -45,6 +51,16 @@ def storage_error(path: Path, error: OSError) -> StorageError | None:
                             "finished run can still be skipped, but this run needs to write; set output_root= (or "
                             "run_dir=) to writable storage.", read_only=True)
     return None
+
+
+def _file_size_limit() -> int | None:
+    """The soft RLIMIT_FSIZE in bytes (`ulimit -f`), None when unlimited or unknown."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 def _free_bytes(path: Path) -> int:

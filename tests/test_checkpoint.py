@@ -271,3 +271,24 @@ def test_safetensors_content_under_another_name_loads(tmp_path):
     save_file(reference, path)
     state = load_state_dict_file(path)
     assert set(state) == set(reference) and all(torch.equal(state[k], v) for k, v in reference.items())
+
+
+class _SystemCall:
+    """A pickle that calls os.system when unpickled (torch blocks the module: 'posix is blocked')."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo this-should-never-run",))
+
+
+def test_a_pickle_that_would_run_code_is_called_so_not_corrupt(tmp_path):
+    path = tmp_path / "code.pt"
+    torch.save({"model": _reference_state(), "payload": _SystemCall()}, path)
+    with pytest.raises(CheckpointError) as info:
+        load_state_dict_file(path)
+    message = str(info.value)
+    assert str(path) in message and "holds code" in message and "system" in message
+    assert "python -m lineareval.models.convert" in message
+    assert "truncated" not in message and "Download it again" not in message
+    assert "weights_only" not in message  # torch's advice to load it unsafely is not passed on

@@ -122,11 +122,11 @@ def interrupt_after(monkeypatch, batches: int) -> list[int]:
     """Make the runner raise after sampling `batches` batches (a kill mid-run); returns the first id of each batch."""
     calls, original = [], TIMED_GENERATION
 
-    def counted(generator, policy, budget, conditions, sample_ids, seed, device):
+    def counted(generator, policy, budget, conditions, sample_ids, seed, device, method):
         if len(calls) == batches:
             raise Interrupted
         calls.append(int(sample_ids[0]))
-        return original(generator, policy, budget, conditions, sample_ids, seed, device)
+        return original(generator, policy, budget, conditions, sample_ids, seed, device, method)
 
     monkeypatch.setattr(runner, "timed_generation", counted)
     return calls

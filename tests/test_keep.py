@@ -42,3 +42,13 @@ def test_budget_below_policy_minimum_names_the_minimum():
     with pytest.raises(BudgetError, match=r"model=llamagen_xl needs at least 48.*keep >= 1/12"):
         check_budget(keep, keep.budget(576), minimum, 576, policy="linear", model="llamagen_xl")
     check_budget(parse_keep("1/12"), 48, minimum, 576, policy="linear", model="llamagen_xl")  # exactly enough
+
+
+def test_a_policy_that_protects_more_than_n_says_so_instead_of_asking_for_an_impossible_keep(make_config):
+    from lineareval.runner import run
+
+    with pytest.raises(BudgetError) as info:
+        run(make_config("weights=random", "cache=rkv", "cache.window=1000", "keep=1/2"))
+    message = str(info.value)
+    assert "always protects 1001 tokens, more than the N=256 visual tokens of model=llamagen_tiny" in message
+    assert "cache.window=1000" in message and "keep >=" not in message

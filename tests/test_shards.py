@@ -31,11 +31,11 @@ def count_batches(monkeypatch, fail_at: int | None = None) -> list[int]:
     """Record the first sample id of every generated batch; raise at call `fail_at` (a kill mid-run)."""
     calls, original = [], TIMED_GENERATION
 
-    def counted(generator, policy, budget, conditions, sample_ids, seed, device):
+    def counted(generator, policy, budget, conditions, sample_ids, seed, device, method):
         if fail_at is not None and len(calls) == fail_at:
             raise Interrupted
         calls.append(int(sample_ids[0]))
-        return original(generator, policy, budget, conditions, sample_ids, seed, device)
+        return original(generator, policy, budget, conditions, sample_ids, seed, device, method)
 
     monkeypatch.setattr(runner, "timed_generation", counted)
     return calls
@@ -160,6 +160,45 @@ def test_torchrun_resumes_a_run_started_by_one_process(make_config, tmp_path, mo
         shard = shards.Shard(int(name[6:14]), int(name[15:23]))
         np.testing.assert_array_equal(tokens[shard.start:shard.stop], np.load(kept / name)["tokens"])
     output = done.stdout + done.stderr
-    # 4 shards, 0..2 finished: rank 0 owns 0 and 2, rank 1 owns 1 and 3, so only shard 3 is sampled
-    assert "rank 0 of 2: 0 of its 2 shards to sample" in output
-    assert "rank 1 of 2: 1 of its 2 shards to sample" in output
+    # 4 shards, 0..2 finished: the one missing shard goes to rank 0 (the missing ones are dealt round-robin)
+    assert "rank 0 of 2: 1 of the run's 1 shards to sample (6 of 8 samples finished)" in output
+    assert "rank 1 of 2: 0 of the run's 1 shards to sample (6 of 8 samples finished)" in output
+
+
+def test_a_shard_copied_over_another_ones_name_is_sampled_again_never_merged(make_config, tmp_path, monkeypatch):
+    """shard-0-2 copied to shard-2-4's name: its rows are samples 0-1, which must not become samples 2-3."""
+    SIX = (*SMALL, "num_samples=6")
+    run(make_config(*SIX, f"run_dir={tmp_path / 'reference'}"))
+    count_batches(monkeypatch, fail_at=2)
+    with pytest.raises(Interrupted):
+        run(make_config(*SIX))
+    folder = Path(make_config(*SIX).run_dir) / "shards"
+    shutil.copy(shards.Shard(0, 2).path(folder), shards.Shard(2, 4).path(folder))
+    calls = count_batches(monkeypatch)
+    run(make_config(*SIX))
+    assert calls == [2, 4]  # the misnamed copy was sampled again
+    np.testing.assert_array_equal(run_files(folder.parent)[0], run_files(tmp_path / "reference")[0])
+
+
+@pytest.mark.parametrize("first, second, interrupted_after, sampled", [
+    (2, 3, 2, [4]),     # shards 0-2, 2-4 finished; with batches of 3 only samples 4-5 are missing
+    (3, 2, 1, [3, 5]),  # shard 0-3 finished; samples 3..5 in batches of 2
+])
+def test_resuming_with_another_batch_size_reuses_every_finished_sample(make_config, tmp_path, monkeypatch, first,
+                                                                        second, interrupted_after, sampled):
+    """Sample i depends only on (seed, i): finished shards of any batch size are kept, only missing samples drawn."""
+    SIX = (*SMALL, "num_samples=6")
+    run(make_config(*SIX, f"run_dir={tmp_path / 'reference'}"))
+    count_batches(monkeypatch, fail_at=interrupted_after)
+    with pytest.raises(Interrupted):
+        run(make_config(*SIX, f"batch_size={first}"))
+    calls = count_batches(monkeypatch)
+    record = run(make_config(*SIX, f"batch_size={second}"))
+    assert calls == sampled
+    (tokens, images), (expected_tokens, expected_images) = run_files(Path(make_config(*SIX).run_dir)), run_files(
+        tmp_path / "reference")
+    np.testing.assert_array_equal(tokens, expected_tokens)
+    # the VQ decoder's convolutions pick kernels by batch size: a float within roundoff of a rounding boundary
+    # may land one uint8 level away (the tokens, what sampling made, are equal)
+    np.testing.assert_allclose(images.astype(int), expected_images.astype(int), rtol=0, atol=1)
+    assert record["num_samples"] == 6 and record["batch_size"] == second

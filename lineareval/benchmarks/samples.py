@@ -38,6 +38,17 @@ class SampleSet:
         return self.sample_ids[start:stop].to(device), conditions
 
 
+def read_text_file(path: Path, field: str) -> str:
+    """A text file's contents; a ValueError naming the field, the file and the first bad byte if not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{field} {path} is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}"
+                         "): is it an image or an archive? Pass a .txt (one prompt per line), .json (a list) or "
+                         ".jsonl file") from error
+
+
 def load_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     """Prompts from the command line or a file (.txt one per line; .json list; .jsonl with 'prompt'/'caption')."""
     if prompt and prompts_file:
@@ -49,13 +60,18 @@ def load_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
     path = Path(prompts_file).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"prompts_file {path} does not exist")
-    if path.suffix == ".json":
-        prompts = json.loads(path.read_text())
-    elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        prompts = [row.get("prompt", row.get("caption")) if isinstance(row, dict) else row for row in rows]
-    else:
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = read_text_file(path, "prompts_file")
+    try:
+        if path.suffix == ".json":
+            prompts = json.loads(text)
+        elif path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            prompts = [row.get("prompt", row.get("caption")) if isinstance(row, dict) else row for row in rows]
+        else:
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise ValueError(f"prompts_file {path} is not valid JSON{' lines' * (path.suffix == '.jsonl')} ({error}); "
+                         "a .txt file takes one prompt per line") from error
     if not prompts or not all(isinstance(text, str) and text for text in prompts):
         raise ValueError(f"{path} holds no prompts, or entries that are not non-empty strings")
     return prompts

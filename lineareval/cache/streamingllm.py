@@ -21,6 +21,10 @@ class StreamingLLM(CachePolicy):
     selects_by_position = True
     sinks: int = 4
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.sinks, int) or isinstance(self.sinks, bool) or self.sinks < 0:
+            raise ValueError(f"streamingllm sinks must be an integer >= 0, got {self.sinks!r}")
+
     def minimum_budget(self, layout: TokenLayout) -> int:
         return self.sinks + 1
 

@@ -55,6 +55,10 @@ ACCEPTANCES = ("exact", "group")
 EVICTIONS = ("exact", "commit")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class Speculative(DecodingMethod):
     """`decoding=sjd` (and `sjd_pp`, `gsd`): see the module docstring. `window`: drafts per iteration (the
@@ -75,8 +79,16 @@ class Speculative(DecodingMethod):
                                       ("eviction", self.eviction, EVICTIONS)):
             if value not in allowed:
                 raise ValueError(f"decoding.{field} must be one of {allowed}, got {value!r}")
-        if self.window < 1:
-            raise ValueError(f"decoding.window must be >= 1, got {self.window}")
+        if not _is_int(self.window) or self.window < 1:
+            raise ValueError(f"decoding.window must be an integer >= 1, got {self.window!r}")
+        if self.max_iterations is not None and (not _is_int(self.max_iterations) or self.max_iterations < 1):
+            raise ValueError("decoding.max_iterations must be null (N, which always suffices) or an integer >= 1, "
+                             f"got {self.max_iterations!r}")
+        if not _is_int(self.group_radius) or self.group_radius < 0:
+            raise ValueError(f"decoding.group_radius must be an integer >= 0, got {self.group_radius!r}")
+        # a probability gap of 1 or more holds for every token: the group would accept anything
+        if not isinstance(self.group_probability, (int, float)) or not 0 < self.group_probability < 1:
+            raise ValueError(f"decoding.group_probability must be in (0, 1), got {self.group_probability!r}")
         if self.reuse_threshold is not None and not 0 < self.reuse_threshold <= 1:
             raise ValueError(f"decoding.reuse_threshold must be in (0, 1] or null, got {self.reuse_threshold}")
 

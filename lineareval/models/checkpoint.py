@@ -92,6 +92,15 @@ def _torch_load(path: Path) -> object:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _torch_reason(error)
+        blocked = BLOCKED_GLOBAL.search(reason)
+        if blocked:  # a call of a blocked module's function (os.system, ...): code the pickle would run
+            raise ForeignObjectsError(
+                f"Refusing to load {path}: it holds code, a pickled call of {blocked[1]} that loading it would "
+                "run (outside the allow-list of plain types; nothing was run). If you trust its source, extract "
+                "its tensors without running anything: `python -m lineareval.models.convert convert-vqgan "
+                f"{path} {path.with_suffix('.safetensors')}` (it reads the tensors under state_dict); otherwise "
+                "get the official weights file."
+            ) from error
         if "Unsupported global" not in reason:
             raise CheckpointError(f"{path} is a truncated or corrupt torch pickle: torch said: {reason}. "
                                   "Download it again.") from error
@@ -208,6 +217,11 @@ def _listing(items: Iterable[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     rest = len(items) - _MAX_LISTED
     return f"{shown}, ... and {rest} more" if rest > 0 else shown
+
+
+# torch >= 2.6 on a global of a module it blocks outright (os, subprocess, ...): "Trying to load unsupported
+# GLOBAL posix.system whose module posix is blocked."
+BLOCKED_GLOBAL = re.compile(r"unsupported GLOBAL (\S+) whose module \S+ is blocked")
 
 
 def _torch_reason(error: Exception) -> str:
