@@ -62,8 +62,16 @@ def _generation_seconds(tmp_path: Path, name: str) -> float:
 
 @pytest.mark.slow  # three run.py processes (~10 s each to start on two busy cores)
 def test_two_runs_at_once_each_take_at_most_three_times_their_solo_time(tmp_path):
-    """Sharing the cores at most doubles a CPU-bound run's time; spinning OpenMP threads made it 4x-60x."""
-    solo = _generation_seconds(tmp_path, "solo")
-    with ThreadPoolExecutor(2) as pool:
-        both = list(pool.map(lambda name: _generation_seconds(tmp_path, name), ["first", "second"]))
-    assert max(both) <= 3 * solo, f"solo {solo:.2f} s, at once {both[0]:.2f} s and {both[1]:.2f} s"
+    """Sharing the cores at most doubles a CPU-bound run's time; spinning OpenMP threads made it 4x-60x (8x here:
+    11.3 s solo, 78 s and 88 s at once). Work outside the test on a shared machine can slow one attempt alone, so a
+    second attempt (a fresh solo time, then the pair) decides; a spinning runtime fails both by far."""
+    attempts = []
+    for attempt in range(2):
+        solo = _generation_seconds(tmp_path, f"solo-{attempt}")
+        with ThreadPoolExecutor(2) as pool:
+            both = list(pool.map(lambda name: _generation_seconds(tmp_path, name),
+                                 [f"first-{attempt}", f"second-{attempt}"]))
+        attempts.append(f"solo {solo:.2f} s, at once {both[0]:.2f} s and {both[1]:.2f} s")
+        if max(both) <= 3 * solo:
+            return
+    pytest.fail("; ".join(attempts))
