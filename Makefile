@@ -76,8 +76,9 @@ perf: setup ## CPU performance report into results/ (efficiency, roofline, per-s
 gpu-report: setup ## GPU efficiency report into results/ (about 8 minutes on one H100/H200): XL compiled and eager, max batch, Janus, Lumina, floors
 	$(PY) scripts/gpu_report.py $(ARGS)
 
-decoding-sweep: setup ## where each decoding wins: batch 1..16 x sequential/sjd/sjd_pp/gsd/mc_sjd x full, linear 1/4, 1/6 on the demo model; CSV, crossover and figure in results/
+decoding-sweep: setup ## where each decoding wins: batch 1..16 x sequential/sjd/sjd_pp/gsd/mc_sjd x full, linear 1/4, 1/6 on the demo model; CSV, crossover, figure and passes per token of each variant in results/
 	$(PY) scripts/decoding_sweep.py $(ARGS)
+	$(PY) scripts/decoding_sweep.py --passes
 
 collect: setup ## gather every finished run under outputs/ into results/*.csv (beside the paper's numbers)
 	$(PY) scripts/collect.py outputs --out results

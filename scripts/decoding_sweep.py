@@ -19,6 +19,9 @@ decoding x row measured interleaved in that process on the same inputs, `repeats
   never stopped winning in the range, `never` if it never won);
 - `<name>.png`: latency per image vs batch, one line per decoding, a panel per (model, cache).
 
+`--passes` instead measures forward passes per token (no timing) of every speculative variant below on
+`--passes-samples` samples of the demo model, full cache: `<name>_passes.csv`.
+
 `--tiny` is the test's mode (demo model, batches 1 and 2, sequential and mc_sjd, full cache, no warm-up);
 `--dry-run` prints the commands and writes nothing. `make decoding-sweep` reproduces the committed files.
 """
@@ -38,6 +41,17 @@ COLUMNS = ["model", "weights", "batch_size", "decoding", "cache", "keep", "laten
            "generation_s", "decode_passes_per_image", "tokens_per_pass", "draft_acceptance", "peak_memory_bytes",
            "kv_cache_capacity_bytes", "speedup_vs_sequential", "cores_busy", "repeats", "device_name"]
 RANDOM_WEIGHTS = {"llamagen_b"}  # models swept with weights=random (no checkpoint needed: cost only)
+# --passes: label -> decoding overrides (the forward passes per token of each variant, full cache)
+PASS_VARIANTS = {
+    "sjd": ["decoding=sjd"], "sjd_pp": ["decoding=sjd_pp"], "gsd": ["decoding=gsd"],
+    "mc_sjd maximal": ["decoding=mc_sjd"], "mc_sjd gumbel": ["decoding=mc_sjd", "decoding.coupling=gumbel"],
+    "sjd init=above": ["decoding=sjd", "decoding.init=above"],
+    "mc_sjd maximal init=above": ["decoding=mc_sjd", "decoding.init=above"],
+    "sjd window=32": ["decoding=sjd", "decoding.window=32"],
+    "mc_sjd maximal window=32": ["decoding=mc_sjd", "decoding.window=32"],
+    "mc_sjd gumbel window=32": ["decoding=mc_sjd", "decoding.coupling=gumbel", "decoding.window=32"],
+    "mc_sjd maximal window=32 init=above": ["decoding=mc_sjd", "decoding.window=32", "decoding.init=above"],
+}
 TINY = dict(models=["demo"], batches=[1, 2], decodings=["sequential", "mc_sjd"], rows=["full"], warmup=0, repeats=1)
 
 
@@ -123,6 +137,31 @@ def figure(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def passes(args) -> pd.DataFrame:
+    """Forward passes per visual token of every PASS_VARIANTS entry (one `benchmark=samples` run each)."""
+    import json
+
+    rows = []
+    for label, overrides in PASS_VARIANTS.items():
+        run_dir = args.runs / "passes" / label.replace(" ", "_").replace("=", "-")
+        command = ["run.py", "benchmark=samples", "model=demo", f"num_samples={args.passes_samples}",
+                   f"batch_size={args.passes_samples}", "decode_images=false", f"device={args.device}",
+                   *overrides, f"run_dir={run_dir}", *args.overrides]
+        if args.dry_run:
+            print(" ".join(command))
+            continue
+        if not args.skip_runs:
+            run(command)
+        record = json.loads((run_dir / "metrics.json").read_text())
+        num_visual = record["visual_budget"]  # the full cache: every visual token
+        rows.append({"variant": label, "num_samples": args.passes_samples,
+                     "decode_passes_per_image": record["decode_passes_per_image"],
+                     "passes_per_token": record["decode_passes_per_image"] / (num_visual - 1),
+                     "fewer_passes_than_sequential": (num_visual - 1) / record["decode_passes_per_image"],
+                     "draft_acceptance": record.get("draft_acceptance")})
+    return pd.DataFrame(rows)
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     split = lambda text: [item for item in text.split(",") if item]  # noqa: E731
@@ -138,6 +177,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=Path, default=Path("outputs") / "decoding_sweep")
     parser.add_argument("--skip-runs", action="store_true", help="only gather finished runs under --runs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run and write nothing")
+    parser.add_argument("--passes", action="store_true", help="forward passes per token of every variant instead")
+    parser.add_argument("--passes-samples", type=int, default=64)
     parser.add_argument("--tiny", action="store_true", help="the test's mode: " + str(TINY))
     parser.add_argument("overrides", nargs="*", help="extra run.py overrides, e.g. model.n_layer=2")
     args = parser.parse_args(argv)
@@ -151,6 +192,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> pd.DataFrame | None:
     args = parse(argv)
     os.chdir(ROOT)  # relative run folders: the results name no path of this machine
+    if args.passes:
+        table = passes(args)
+        if not args.dry_run:
+            args.out.mkdir(parents=True, exist_ok=True)
+            table.to_csv(args.out / f"{args.name}_passes.csv", index=False)
+            print(table.to_string(index=False))
+        return None if args.dry_run else table
     commands = sweep_commands(args)
     if args.dry_run:
         for _, command in commands:

@@ -66,3 +66,11 @@ def test_tiny_mode_writes_the_table_crossover_and_figure(tmp_path):
     written = pd.read_csv(out / "sweep.csv", dtype={"keep": str})
     assert len(written) == 4 and (out / "sweep.png").stat().st_size > 0
     assert len(pd.read_csv(out / "sweep_crossover.csv")) == 1
+
+
+def test_passes_dry_run_lists_every_variant_on_the_full_cache(capsys, tmp_path):
+    assert decoding_sweep.main(["--passes", "--dry-run", "--runs", str(tmp_path)]) is None
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == len(decoding_sweep.PASS_VARIANTS) and all("benchmark=samples" in line for line in lines)
+    assert any("decoding=mc_sjd decoding.coupling=gumbel" in line for line in lines)
+    assert not any("cache=" in line for line in lines) and not any(tmp_path.iterdir())
