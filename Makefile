@@ -24,7 +24,7 @@ grid = $(SWEEP) experiment=$(1) cache=full keep=1 $(ARGS) && $(SWEEP) experiment
 endif
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations allocations perf gpu-report
+.PHONY: help setup demo test test-all collect clean efficiency imagenet coco dpg ablations allocations perf gpu-report decoding-sweep
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -75,6 +75,10 @@ perf: setup ## CPU performance report into results/ (efficiency, roofline, per-s
 
 gpu-report: setup ## GPU efficiency report into results/ (about 8 minutes on one H100/H200): XL compiled and eager, max batch, Janus, Lumina, floors
 	$(PY) scripts/gpu_report.py $(ARGS)
+
+decoding-sweep: setup ## where each decoding wins: batch 1..16 x sequential/sjd/sjd_pp/gsd/mc_sjd x full, linear 1/4, 1/6 on the demo model; CSV, crossover, figure and passes per token of each variant in results/
+	$(PY) scripts/decoding_sweep.py $(ARGS)
+	$(PY) scripts/decoding_sweep.py --passes
 
 collect: setup ## gather every finished run under outputs/ into results/*.csv (beside the paper's numbers)
 	$(PY) scripts/collect.py outputs --out results

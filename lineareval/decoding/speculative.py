@@ -106,7 +106,7 @@ class Speculative(DecodingMethod):
     def run(self, session: DecodeSession) -> dict:
         """Sample every image's tokens into `session.tokens`, iteration by iteration; returns the statistics."""
         session.tokens[:, 0] = session.sample(0)
-        state = JacobiState(self, session)
+        state = self.state(session)
         limit = self.max_iterations or session.num_visual
         while state.active.any():
             if state.iteration >= limit:
@@ -114,6 +114,10 @@ class Speculative(DecodingMethod):
                                    "max_iterations): every iteration commits at least one token per image")
             state.step()
         return state.statistics()
+
+    def state(self, session: DecodeSession) -> JacobiState:
+        """The batch's Jacobi state (a subclass may redraw drafts differently: lineareval/decoding/coupled.py)."""
+        return JacobiState(self, session)
 
 
 class JacobiState:
@@ -278,13 +282,20 @@ class JacobiState:
         if self.method.reuse_threshold is not None:
             reuse = p.gather(-1, drafts[..., None])[..., 0] >= self.method.reuse_threshold
         redraw = after & ~reuse
-        fresh = self.draw(p, targets, DRAFT)
+        fresh = self.redraws(p, drafts, targets, redraw)
         images, columns = after.nonzero(as_tuple=True)
         slots = targets[images, columns] % self.method.window
         self.drafts[images, slots] = torch.where(redraw[images, columns], fresh[images, columns],
                                                  drafts[images, columns])
         self.point[images, slots] = reuse[images, columns]
         self.proposals[images, slots] = p[images, columns]
+
+    def redraws(self, p: torch.Tensor, drafts: torch.Tensor, targets: torch.Tensor, redraw: torch.Tensor
+                ) -> torch.Tensor:
+        """New drafts (B, k) for the window's positions (those of `redraw` (B, k) are used), each a sample of this
+        iteration's p (B, k, V): SJD draws them independently of the old drafts (B, k); MC-SJD couples them
+        (lineareval/decoding/coupled.py)."""
+        return self.draw(p, targets, DRAFT)
 
     def statistics(self) -> dict:
         """Forward passes per image (its iterations; the prefill is not counted), tokens per pass, and the
