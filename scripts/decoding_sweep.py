@@ -178,7 +178,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip-runs", action="store_true", help="only gather finished runs under --runs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run and write nothing")
     parser.add_argument("--passes", action="store_true", help="forward passes per token of every variant instead")
-    parser.add_argument("--passes-samples", type=int, default=64)
+    parser.add_argument("--passes-samples", type=int, default=16)
     parser.add_argument("--tiny", action="store_true", help="the test's mode: " + str(TINY))
     parser.add_argument("overrides", nargs="*", help="extra run.py overrides, e.g. model.n_layer=2")
     args = parser.parse_args(argv)
