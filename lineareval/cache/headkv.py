@@ -17,7 +17,8 @@ Here, per layer, head and sequence, at every line end:
 - per-head budgets: a locality head's target is `locality_share * B`, the broad heads of the layer share
   the rest of H * B (all heads local: B each). The score is target - rank, so Ada-KV's joint selection over
   heads (`budget_allocation=adaptive_heads`) gives each head its target, within the allocation's floor
-  and cap (a target above the cap leaves its surplus to the other heads' next tokens).
+  and cap (a target above the cap, or above the tokens a head has, leaves its surplus to the other heads'
+  next tokens).
 
 Under the default `budget_allocation=uniform` the engine keeps B in every head: the targets have no effect
 and HeadKV is its stratified, type-specific selection at LineAR's fixed per-head budget (an approximation
