@@ -47,8 +47,11 @@ class RunDirCheck(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        from lineareval.record import storage_error
+        from hydra.core.hydra_config import HydraConfig
 
+        from lineareval.storage import storage_error
+
+        HydraConfig.instance().set_config(config)  # as Hydra does next: run.dir names ${hydra:runtime.choices...}
         run_dir = Path(str(config.hydra.run.dir))
         try:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -157,7 +157,7 @@ def run(cfg: DictConfig) -> dict:
 def _run(cfg: DictConfig, ranks: distributed.Ranks = distributed.Ranks()) -> dict:
     """Check the fields, lock the run folder (rank 0, for every rank), then skip, evaluate or generate."""
     check_run_fields(cfg)  # before the folder is touched or a model loaded
-    check_components(cfg)
+    check_components(cfg, lambda: build_decoding(cfg.decoding), lambda: build_policy(cfg.cache))
     run_dir = Path(cfg.run_dir)
     benchmark = call_target(cfg.benchmark, exclude=("name",))
     if benchmark.suite and ranks.distributed:

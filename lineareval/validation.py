@@ -98,17 +98,15 @@ def generation_inputs(generator, model: str, labels, prompts, sample_ids, seed,
     return conditions, ids, check_seed(seed)
 
 
-def check_components(cfg) -> None:
-    """Check the device name and grid_images, and build the run's decoding method and cache policy (cheap
-    dataclasses) so that their field checks (decoding.group_probability=2, cache.sinks=-1) fail before the run
-    folder is created or a model loaded."""
-    from lineareval.factory import build_decoding, build_policy
-
+def check_components(cfg, *builders) -> None:
+    """Check the device name and grid_images, and call `builders` (the runner passes its decoding method's and
+    cache policy's: cheap dataclasses) so that their field checks (decoding.group_probability=2, cache.sinks=-1)
+    fail before the run folder is created or a model loaded."""
     check_device(cfg.device)
     if not is_integer(cfg.grid_images) or cfg.grid_images < 0:  # else it fails at the merge, after all sampling
         raise ValueError(f"grid_images must be an integer >= 0 (0: no samples.png), got {cfg.grid_images!r}")
-    build_decoding(cfg.decoding)
-    build_policy(cfg.cache)
+    for build in builders:
+        build()
 
 
 DEVICE_TYPES = ("cpu", "cuda")

@@ -155,14 +155,9 @@ class Report:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from lineareval.compose import compose_config
 
-    from lineareval.identity import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return hydra_compose("config", overrides=overrides)
+    return compose_config(*overrides)  # options named by their Hydra choice, as run.py names them
 
 
 def release_device() -> None:
