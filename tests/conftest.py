@@ -147,6 +147,17 @@ def reference_for_collect(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny random LlamaGen, two conditional and two null-class rows (as in CFG), and random tokens to
+    teacher-force through it (the policy tests' shared inputs)."""
+    model = tiny_llamagen(grid=8)
+    labels = torch.tensor([3, 7, 10, 10])
+    tokens = torch.randint(0, model.config.vocab_size, (4, model.layout.num_visual),
+                           generator=torch.Generator().manual_seed(1))
+    return model, labels, tokens
+
+
 class WithMethod:
     """A generator whose `generate` decodes with a fixed `method` (tests that compare methods on one model)."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, llamagen_depth, roundoff_tolerance, tiny_llamagen
+from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, llamagen_depth, roundoff_tolerance
 from lineareval.cache import CachePolicy, EvictAt
 from lineareval.cache.allocation import Budgets
 from lineareval.decoding.stepper import Stepper
@@ -123,15 +123,6 @@ def score_tolerance(model, layer: int, probabilities: torch.Tensor) -> dict:
     depth = layer * (llamagen_depth(model) - config.dim) // config.n_layer + config.dim + config.head_dim + 2 * width
     logit_error = roundoff_tolerance(torch.tensor([probabilities.max_logit]), depth)["atol"]
     return {"rtol": logit_error, "atol": 0.0}
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = tiny_llamagen(grid=8)
-    generator = torch.Generator().manual_seed(1)
-    labels = torch.tensor([3, 7, 10, 10])  # two conditional rows and two null-class rows, as in CFG
-    tokens = torch.randint(0, model.config.vocab_size, (4, model.layout.num_visual), generator=generator)
-    return model, labels, tokens
 
 
 def cases():

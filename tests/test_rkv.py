@@ -8,19 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import llamagen_depth, roundoff_tolerance, tiny_llamagen
+from conftest import llamagen_depth, roundoff_tolerance
 from lineareval.cache.rkv import key_redundancy
 from lineareval.keep import parse_keep
 from test_cache import oracle_masks, projections, run_policy
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = tiny_llamagen(grid=8)
-    labels = torch.tensor([3, 7, 10, 10])
-    tokens = torch.randint(0, model.config.vocab_size, (4, model.layout.num_visual),
-                           generator=torch.Generator().manual_seed(1))
-    return model, labels, tokens
 
 
 def with_keys(policy) -> list[torch.Tensor]:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
 import torch
 
-from conftest import tiny_llamagen
 from lineareval.cache.heads import HeadTypes, classify, neighbourhood_mass, priority_ranks
 from lineareval.cache.policy import EvictionContext, TokenLayout
 from test_cache import attention_probabilities, oracle_masks, run_policy
@@ -87,15 +85,6 @@ def test_priority_ranks_are_lexicographic_with_position_ties():
     second = torch.tensor([[[0.5, 0.5, 9.0, 0.7]]])
     # first key: slots 0, 1, 3 ahead of 2; second: slot 3 (0.7) ahead of 0, 1 (0.5, tied: newer position first)
     assert priority_ranks([first, second], positions).tolist() == [[[1, 2, 3, 0]]]
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = tiny_llamagen(grid=8)
-    labels = torch.tensor([3, 7, 10, 10])
-    tokens = torch.randint(0, model.config.vocab_size, (4, model.layout.num_visual),
-                           generator=torch.Generator().manual_seed(1))
-    return model, labels, tokens
 
 
 def expected_locality(probabilities: torch.Tensor, layout: TokenLayout, lines: int, radius: int) -> torch.Tensor:

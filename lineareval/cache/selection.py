@@ -31,10 +31,15 @@ class PolicyContractError(RuntimeError):
     """A policy's scores the engine cannot honour (see the module docstring)."""
 
 
+def lowest(keep_scores: torch.Tensor, candidates: torch.Tensor, count: int):
+    """The `count` lowest keep-scores per row among `candidates` (others count as +inf): topk's (values, indices),
+    (..., W) -> (..., count), lowest first. A non-finite value marks a victim the policy protected (or NaN)."""
+    return keep_scores.float().masked_fill(~candidates, float("inf")).topk(count, dim=-1, largest=False)
+
+
 def lowest_scores(keep_scores: torch.Tensor, candidates: torch.Tensor, count: int) -> torch.Tensor:
     """Slots of the `count` lowest keep-scores per row among `candidates`. (..., W) -> (..., count), lowest first."""
-    scores = keep_scores.float().masked_fill(~candidates, float("inf"))
-    return scores.topk(count, dim=-1, largest=False).indices
+    return lowest(keep_scores, candidates, count).indices
 
 
 def joint_victims(keep_scores: torch.Tensor, candidates: torch.Tensor, budget: int, floor: int, cap: int,
@@ -109,8 +114,7 @@ class PositionEviction(Eviction):
         view = PositionView(table, width, self.policy)
         scores = self.checked(self.policy.score(view, context), view)
         candidates = view.valid & (view.positions >= prefix_len)
-        victims = lowest_scores(scores, candidates, count)
-        picked = scores.float().masked_fill(~candidates, float("nan")).gather(-1, victims)
+        picked, victims = lowest(scores, candidates, count)
         if not bool(torch.isfinite(picked).all()):
             self.violations = torch.tensor(True)
             self.verify()
@@ -123,10 +127,10 @@ class RowEviction(Eviction):
     def apply(self, layer, scores: torch.Tensor, candidates: torch.Tensor, counts: np.ndarray, top: np.ndarray,
               occupancy: np.ndarray) -> None:
         most = int(counts.max())
-        victims = lowest_scores(scores, candidates, most)  # (S, H, most)
+        picked, victims = lowest(scores, candidates, most)  # (S, H, most): their scores, no second pass over W
         device = victims.device
         used = torch.arange(most, device=device) < torch.from_numpy(counts).to(device)[:, None, None]
-        self.note(scores.float().masked_fill(~candidates, float("nan")).gather(-1, victims), used)
+        self.note(picked, used)
         layer.evict(victims, used, top, occupancy)
 
 
