@@ -4,8 +4,10 @@ and invariants of every policy under every allocation are in tests/test_cache.py
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ from lineareval.cache.allocation import Budgets, allocate, pyramid, round_preser
 from lineareval.cache.selection import joint_victims
 from lineareval.decoding.stepper import Stepper
 from lineareval.keep import BudgetError, parse_keep
+from lineareval.memory import tensor_bytes
 from test_cache import run_policy
 
 XL = {"layers": 36, "heads": 20, "layout": TokenLayout(prefix_len=1, rows=24, line_len=24)}  # LlamaGen-XL
@@ -134,21 +137,94 @@ def test_adaptive_heads_give_heads_their_own_budgets_within_the_layer_total(make
     assert trace.capacity == [1 + 42 + 8] * 2
 
 
+def kv_bytes(cache) -> int:
+    return tensor_bytes(*(t for layer in cache.layers for t in layer.kv_tensors()))
+
+
 def test_memory_follows_the_total_budget(policy_factory, budgets_for):
     """KV-cache bytes: pyramid = uniform (no layer capped at N: the per-layer stores P + B_l + slack sum to the
-    uniform total); adaptive_heads = uniform x (P + cap + slack) / (P + B + slack), the store sized for the cap."""
+    uniform total); adaptive_heads: keys and values exactly the uniform store's (a pool of H * (P + B + slack)
+    rows, lineareval/cache/packed.py) while the schedule's slots span the cap; `store: dense` sizes every head
+    for the cap, uniform x (P + cap + slack) / (P + B + slack)."""
     model = tiny_llamagen(grid=8, layers=4)
     layout = model.layout
     sizes = {}
-    for allocation in ("uniform", "pyramid", "adaptive_heads"):
+    for allocation in ("uniform", "pyramid", "adaptive_heads", "adaptive_heads dense"):
         policy = policy_factory("h2o")
-        budgets = budgets_for(policy, 21, allocation, model)
+        budgets = budgets_for(policy, 21, allocation.split()[0], model)
+        if allocation.endswith("dense"):
+            budgets = dataclasses.replace(budgets, packed_heads=False)
         cache = Stepper(model).new_cache(policy, budgets, 2, layout)
-        sizes[allocation] = (cache.capacity_bytes(), [layer.state.capacity for layer in cache.layers])
+        sizes[allocation] = (kv_bytes(cache), [layer.state.capacity for layer in cache.layers])
     assert len(set(sizes["pyramid"][1])) == 4  # one store size per layer
     assert sizes["pyramid"][0] == sizes["uniform"][0]
     assert sizes["adaptive_heads"][1] == [1 + 42 + 1] * 4 and sizes["uniform"][1] == [1 + 21 + 1] * 4
-    assert sizes["adaptive_heads"][0] * (1 + 21 + 1) == sizes["uniform"][0] * (1 + 42 + 1)
+    uniform_rows, pool_rows = 1 + 21 + 1, 1 + 21 + 1 + 1 / 4  # a pool of 4 heads x 23 rows, plus one unmapped row
+    assert sizes["adaptive_heads"][0] * uniform_rows == sizes["uniform"][0] * pool_rows
+    assert sizes["adaptive_heads dense"][0] * (1 + 21 + 1) == sizes["uniform"][0] * (1 + 42 + 1)
+
+
+@pytest.mark.parametrize("name", ["linear", "h2o", "rkv", "headkv"])
+def test_adaptive_heads_hold_at_most_five_percent_more_than_uniform_on_the_demo_shape(policy_factory, budgets_for,
+                                                                                       name):
+    """The whole store (keys, values, positions, occupancy, row map, signals) under adaptive_heads at keep 1/4 on the
+    demo model's shape (3 heads of 64 dims, 16 x 16 tokens, fp32): at most 1.05 x uniform's (issue 28's target);
+    the dense layout holds 1.7 x or more. The extra is the schedule's few bytes per slot over the cap's span."""
+    model = tiny_llamagen(grid=16, layers=1, heads=3, dim=192)
+    layout = model.layout
+    policy = policy_factory(name)
+    stepper = Stepper(model)
+    budgets = budgets_for(policy, 64, "adaptive_heads", model)
+    uniform_cache = stepper.new_cache(policy, budgets_for(policy, 64, "uniform", model), 2, layout)
+    packed = stepper.new_cache(policy, budgets, 2, layout).capacity_bytes() / uniform_cache.capacity_bytes()
+    dense = stepper.new_cache(policy, dataclasses.replace(budgets, packed_heads=False), 2, layout
+                              ).capacity_bytes() / uniform_cache.capacity_bytes()
+    assert packed <= 1.05 and dense >= 1.7
+
+
+@torch.inference_mode()
+def store_trace(model, policy, budgets, labels, tokens, chunks: np.random.Generator | None):
+    """Logits and every layer's (positions, occupancy, attended keys) after each step of teacher-forced decoding:
+    one token per step, or (`chunks`) random chunks of up to 4 tokens with random commits."""
+    stepper, layout = Stepper(model), model.layout
+    cache = stepper.new_cache(policy, budgets, len(labels), layout, max_chunk=1 if chunks is None else 4)
+    outputs, committed = [stepper.prefill(labels, cache)], np.zeros(len(labels), dtype=np.int64)
+    while (committed < layout.num_visual - 1).any():
+        if chunks is None:
+            outputs.append(stepper.decode(tokens[:, committed[0]], int(committed[0]), cache))
+            committed += 1
+        else:
+            take = np.minimum(committed[:, None] + np.arange(4), layout.num_visual - 2)
+            outputs.append(stepper.decode_chunk(tokens.gather(1, torch.from_numpy(take)), torch.from_numpy(committed),
+                                                cache, layout.prefix_len + torch.from_numpy(take)))
+            half = np.minimum(chunks.integers(0, 5, size=len(labels) // 2), layout.num_visual - 1 - committed[::2])
+            counts = np.concatenate([half, half])
+            cache.commit(counts)
+            committed += counts
+        for layer in cache.layers:
+            valid = layer.valid.clone()
+            outputs += [layer.positions.clone(), valid, layer.stored_keys(valid.shape[-1])[valid]]
+    cache.verify()
+    return outputs, cache
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["sequential", "chunks"])
+@pytest.mark.parametrize("name", ["linear", "h2o", "rkv", "headkv"])
+def test_the_packed_store_computes_exactly_what_the_dense_store_does(policy_factory, budgets_for, name, chunked):
+    """adaptive_heads with the packed store (lineareval/cache/packed.py) and with the dense one: bit-identical logits,
+    slot layouts and stored keys at every step, sequential and in random chunks (hence the same sampled tokens)."""
+    model = tiny_llamagen(grid=8)
+    labels = torch.tensor([3, 7, 10, 10])
+    tokens = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
+    policy = policy_factory(name)
+    budgets = budgets_for(policy, 21, "adaptive_heads", model)
+    rng = (lambda: np.random.default_rng(0)) if chunked else (lambda: None)
+    packed, cache = store_trace(model, policy, budgets, labels, tokens, rng())
+    dense, dense_cache = store_trace(model, policy, dataclasses.replace(budgets, packed_heads=False), labels, tokens,
+                                     rng())
+    assert type(cache.layers[0]).__name__ == "PackedLayerKV" and type(dense_cache.layers[0]).__name__ == "LayerKV"
+    assert cache.state.evictions > 0 and cache.state.head_holes
+    assert len(packed) == len(dense) and all(torch.equal(a, b) for a, b in zip(packed, dense))
 
 
 def test_runs_record_and_name_their_allocation(make_config):
@@ -184,7 +260,9 @@ def test_the_efficiency_benchmark_measures_rows_under_each_allocation(make_confi
         (cache, allocation) for allocation in ("uniform", "pyramid", "adaptive_heads") for cache in ("full", "h2o")]
     h2o = {row["budget_allocation"]: row for row in rows if row["cache"] == "h2o"}
     assert h2o["pyramid"]["kv_cache_capacity_bytes"] == h2o["uniform"]["kv_cache_capacity_bytes"]
-    assert h2o["adaptive_heads"]["kv_cache_capacity_bytes"] > h2o["uniform"]["kv_cache_capacity_bytes"]
+    # the packed store: keys and values as uniform's, plus the schedule's bookkeeping over the cap's slots (about 15%
+    # with these 16-dim heads, 4% on the demo's 64: test_adaptive_heads_hold_at_most_five_percent_more_...)
+    assert 1 < h2o["adaptive_heads"]["kv_cache_capacity_bytes"] / h2o["uniform"]["kv_cache_capacity_bytes"] < 1.2
 
 
 def test_the_report_shows_the_paired_fields_and_pairs_each_allocation_with_uniform(make_config, tmp_path):

@@ -52,7 +52,7 @@ def run_chunked(stepper: Stepper, cache, prefix, tokens: torch.Tensor, positions
     sequences, num_visual = tokens.shape
     stepper.prefill(prefix, cache)
     total = cache.layout.prefix_len + num_visual
-    heads = cache.layers[0].keys.shape[1]
+    heads = cache.layers[0].positions.shape[1]
     visible = torch.zeros(len(cache.layers), sequences, heads, num_visual - 1, total, dtype=torch.bool)
     logits = None
     committed, chunks = np.zeros(sequences, dtype=np.int64), 0

@@ -16,16 +16,18 @@ layer the store its budget needs (`KVCache`), so memory follows the total:
 - `adaptive_heads` (Ada-KV, Feng et al. 2024, https://arxiv.org/abs/2407.11550): within a layer the heads
   share H * B_l; at each eviction every head keeps its top `floor` tokens (what the policy protects
   plus `floor_alpha` of the rest: Ada-KV's safeguard) and the remaining H * (B_l - floor) go to the
-  highest scores over all heads jointly, no head above `cap` = `max_head_ratio` * B_l. A dense
-  (S, H, C, D) store must hold the largest head, so each layer's store has P + cap + slack slots per
-  head (cap / B_l times the uniform store's visual part; Ada-KV's flattened variable-length layout
-  needs its own attention kernel): the tokens kept are H * B_l per layer, the memory allocated is
-  sized for the cap, and attention spans the cap's slots with the occupancy mask (static shapes, one
-  graph). Policies that select by position keep the same tokens in every head: uniform for them.
+  highest scores over all heads jointly, no head above `cap` = `max_head_ratio` * B_l. Heads then hold
+  different counts, so the schedule's slots span P + cap + slack per head, but keys and values live in a
+  pool of H * (P + B_l + slack) rows per sequence (`store: packed`, lineareval/cache/packed.py): the
+  uniform store's bytes, plus a few bytes of bookkeeping per slot; the tokens are bit for bit those of
+  the dense layout (`store: dense`, every head sized for the cap). Attention spans the cap's slots with
+  the occupancy mask (static shapes, one graph). Policies that select by position keep the same tokens
+  in every head: uniform for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -47,6 +49,7 @@ class Budgets:
     head_floor: tuple[int, ...] | None = None
     head_cap: tuple[int, ...] | None = None
     name: str = "uniform"
+    packed_heads: bool = True  # per-head budgets in a pool of the uniform store's size (packed.py); False: dense
 
     @property
     def adaptive_heads(self) -> bool:
@@ -90,16 +93,19 @@ def pyramid(budget: int, layers: int, heads: int, layout: TokenLayout, policy: C
 
 
 def adaptive_heads(budget: int, layers: int, heads: int, layout: TokenLayout, policy: CachePolicy,
-                   floor_alpha: float = 0.2, max_head_ratio: float = 2.0) -> Budgets:
+                   floor_alpha: float = 0.2, max_head_ratio: float = 2.0, store: str = "packed") -> Budgets:
     """Ada-KV's head-adaptive split of each layer's H * B: floor = protected + floor_alpha of the rest (its
-    scripts' 0.2), cap = max_head_ratio * B (the store's size per head; Ada-KV has no cap)."""
+    scripts' 0.2), cap = max_head_ratio * B (Ada-KV has no cap). `store`: `packed` (keys and values in a pool
+    of the uniform store's size, lineareval/cache/packed.py) or `dense` (every head sized for the cap)."""
     if not 0 <= floor_alpha <= 1 or max_head_ratio < 1:
         raise ValueError(f"budget_allocation adaptive_heads: floor_alpha must be in [0, 1] and max_head_ratio >= 1, "
                          f"got {floor_alpha}, {max_head_ratio}")
+    if store not in ("packed", "dense"):
+        raise ValueError(f"budget_allocation adaptive_heads: store must be packed or dense, got {store!r}")
     protected = min(policy.minimum_budget(layout), budget)
     floor = protected + int(floor_alpha * (budget - protected))
     cap = min(layout.num_visual, max(budget, math.ceil(max_head_ratio * budget)))
-    return Budgets(budget, (budget,) * layers, (floor,) * layers, (cap,) * layers)
+    return Budgets(budget, (budget,) * layers, (floor,) * layers, (cap,) * layers, packed_heads=store == "packed")
 
 
 def round_preserving_sum(values: list[float], total: int) -> list[int]:
@@ -122,7 +128,7 @@ def allocate(node, budget: int, *, layers: int, heads: int, layout: TokenLayout,
     budgets = call_target(node, exclude=("name",), budget=budget, layers=layers, heads=heads, layout=layout,
                           policy=policy)
     name = node.get("name", budgets.name)
-    budgets = Budgets(budgets.visual_budget, budgets.layers, budgets.head_floor, budgets.head_cap, name)
+    budgets = dataclasses.replace(budgets, name=name)
     check_budgets(budgets, budget, layers, layout, policy.minimum_budget(layout), policy=policy.name, model=model)
     return budgets
 

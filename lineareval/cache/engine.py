@@ -45,7 +45,7 @@ class KVCache:
         kinds = list(dict.fromkeys(keys))  # distinct (budget, head floor, head cap), first-seen order
         self.groups = [LayerGroup(policy, layout, *kind, num_layers=keys.count(kind), sequences=sequences, heads=heads,
                                   head_dim=head_dim, dtype=dtype, device=self.device, spare_slot=spare_slot,
-                                  max_chunk=max_chunk) for kind in kinds]
+                                  max_chunk=max_chunk, packed_heads=budgets.packed_heads) for kind in kinds]
         members = {kind: iter(group.layers) for kind, group in zip(kinds, self.groups)}
         self.layers = [next(members[key]) for key in keys]
 
@@ -59,7 +59,7 @@ class KVCache:
 
     @property
     def sequences(self) -> int:
-        return self.layers[0].keys.shape[0]
+        return self.layers[0].positions.shape[0]
 
     def begin_prefix(self) -> None:
         for group in self.groups:

@@ -85,7 +85,7 @@ class CacheView:
     @property
     def keys(self) -> torch.Tensor:
         """(S, H, W, D) post-RoPE keys."""
-        return self._layer.keys[:, :, : self.width]
+        return self._layer.stored_keys(self.width)
 
     def signal(self, name: str):
         """The state of a signal the policy declared (e.g. `ReceivedState`, `LineState`)."""

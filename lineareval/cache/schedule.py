@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lineareval.cache.packed import PackedLayerKV
 from lineareval.cache.policy import CachePolicy, EvictionContext, TokenLayout
 from lineareval.cache.selection import JointEviction, PositionEviction, choose_eviction
 from lineareval.cache.state import CacheState, SlotTable, StepInputs, attended_width
@@ -37,7 +38,8 @@ class LayerGroup:
 
     def __init__(self, policy: CachePolicy, layout: TokenLayout, budget: int, head_floor: int | None = None,
                  head_cap: int | None = None, *, num_layers: int, sequences: int, heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str, spare_slot: bool = False, max_chunk: int = 1):
+                 dtype: torch.dtype, device: torch.device | str, spare_slot: bool = False, max_chunk: int = 1,
+                 packed_heads: bool = True):
         self.policy, self.layout, self.budget = policy, layout, budget
         self.device = torch.device(device)
         self.max_chunk = max_chunk
@@ -48,8 +50,11 @@ class LayerGroup:
         # a chunk of k writes k slots past what the policy keeps (sequences that finished early included)
         self.state = CacheState(capacity=capacity + max_chunk - 1, sequences=sequences, always_masked=joint)
         self.step = StepInputs(self.device)
-        self.layers = [LayerKV(self.state, self.step, layout, policy.signals(), sequences=sequences, heads=heads,
-                               head_dim=head_dim, dtype=dtype, device=self.device, spare=int(spare_slot))
+        store, rows = LayerKV, {}
+        if joint and packed_heads:  # keys and values in a pool of the uniform store's size (packed.py)
+            store, rows = PackedLayerKV, {"rows_per_head": policy.capacity(layout, budget) + max_chunk - 1}
+        self.layers = [store(self.state, self.step, layout, policy.signals(), sequences=sequences, heads=heads,
+                             head_dim=head_dim, dtype=dtype, device=self.device, spare=int(spare_slot), **rows)
                        for _ in range(num_layers)]
         self.table = SlotTable(self.state.capacity) if isinstance(self.eviction, PositionEviction) else None
         self.in_order_from = 0  # aligned: visual tokens from here on sit in order in the newest slots
@@ -251,6 +256,9 @@ class LayerGroup:
     def verify(self) -> None:
         """After a generation: stop with the policy's name if its scores broke the contract (selection.py)."""
         self.eviction.verify()
+        for layer in self.layers:
+            if isinstance(layer, PackedLayerKV):
+                layer.check()
 
     # ---- reuse and compilation -----------------------------------------------------------------
 
@@ -279,7 +287,7 @@ class LayerGroup:
 
     def high_water_bytes(self) -> int:
         """Bytes of the group's slots ever in use at once (keys, values, positions, masks, per-slot signals)."""
-        return sum(layer.slot_bytes() for layer in self.layers) * self.state.peak_occupancy
+        return sum(layer.high_water_bytes(self.state.peak_occupancy) for layer in self.layers)
 
 
 __all__ = ["LayerGroup", "attended_width"]

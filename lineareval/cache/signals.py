@@ -136,9 +136,10 @@ class QueryRing(SignalState):
     line_queries = True
 
     def __init__(self, layer: LayerKV, length: int):
-        sequences, heads, _, dim = layer.keys.shape
+        sequences, heads = layer.positions.shape[:2]
         self.length = length
-        self.queries = torch.zeros(sequences, heads, length, dim, dtype=layer.keys.dtype, device=layer.keys.device)
+        self.queries = torch.zeros(sequences, heads, length, layer.head_dim, dtype=layer.dtype,
+                                   device=layer.positions.device)
         self.pending: torch.Tensor | None = None  # a chunk's queries (S, H, k, D) until its commit
 
     def tensors(self) -> list[torch.Tensor]:
@@ -203,7 +204,7 @@ class LineState(QueryRing):
         """
         if self._probabilities is None:
             width, n = layer.state.high_water, layer.layout.line_len
-            logits = torch.matmul(self.queries, layer.keys[:, :, :width].transpose(-1, -2)).float()
+            logits = torch.matmul(self.queries, layer.stored_keys(width).transpose(-1, -2)).float()
             logits.mul_(layer.scale)  # in place: no second (S, H, n, W) block
             mask = layer.step.line_mask
             if mask is not None and mask.shape[-1] == width:
@@ -250,7 +251,7 @@ class WindowState(QueryRing):
         the prefix's keys inside it. A sequence with nothing before its window scores 0.
         """
         width = layer.state.high_water
-        logits = torch.matmul(self.queries, layer.keys[:, :, :width].transpose(-1, -2)).float()  # (S, H, w, W)
+        logits = torch.matmul(self.queries, layer.stored_keys(width).transpose(-1, -2)).float()  # (S, H, w, W)
         logits.mul_(layer.scale)
         first = layer.layout.prefix_len + layer.scoring_index() + 1 - self.length  # int, or (S,) per sequence
         before = layer.positions[:, :, :width] < torch.as_tensor(first, device=logits.device).reshape(-1, 1, 1)

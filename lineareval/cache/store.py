@@ -29,9 +29,9 @@ class LayerKV:
     def __init__(self, state: CacheState, step: StepInputs, layout: TokenLayout, signals: dict, *,
                  sequences: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device, spare: int = 0):
         self.state, self.step, self.layout = state, step, layout
+        self.head_dim, self.dtype = head_dim, dtype
         shape = (sequences, heads, state.capacity + spare)
-        self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self._allocate(shape, head_dim, dtype, device)
         self.positions = torch.full(shape, -1, dtype=torch.long, device=device)
         self.valid = torch.zeros(shape, dtype=torch.bool, device=device)
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -39,14 +39,34 @@ class LayerKV:
         self.explicit = any(signal.every_step for signal in self.signals.values())  # probabilities every step
         self.buffers_queries = any(signal.line_queries for signal in self.signals.values())
 
+    def _allocate(self, shape: tuple[int, int, int], head_dim: int, dtype: torch.dtype, device) -> None:
+        """Keys and values: dense (S, H, C, D), one row per (sequence, head, slot)."""
+        self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+
+    def kv_tensors(self) -> list[torch.Tensor]:
+        return [self.keys, self.values]
+
     def tensors(self) -> list[torch.Tensor]:
-        return [self.keys, self.values, self.positions, self.valid,
+        return [*self.kv_tensors(), self.positions, self.valid,
                 *(t for signal in self.signals.values() for t in signal.tensors())]
 
     def slot_bytes(self) -> int:
         """Bytes of one slot across sequences and heads (the store and the per-slot signal state)."""
-        per_slot = [t for t in self.tensors() if t.dim() >= 3 and t.shape[2] == self.keys.shape[2]]
+        per_slot = [t for t in self.tensors() if t.dim() >= 3 and t.shape[2] == self.positions.shape[2]]
         return sum(t.element_size() * t.numel() // t.shape[2] for t in per_slot)
+
+    def high_water_bytes(self, peak_occupancy: int) -> int:
+        """Bytes of the slots ever in use at once, given the peak occupancy per (sequence, head)."""
+        return self.slot_bytes() * peak_occupancy
+
+    def stored(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (S, H, W, D) of slots [0, width) (free slots hold anything: callers mask them)."""
+        return self.keys[:, :, :width], self.values[:, :, :width]
+
+    def stored_keys(self, width: int) -> torch.Tensor:
+        """Keys (S, H, W, D) of slots [0, width)."""
+        return self.keys[:, :, :width]
 
     def scoring_index(self) -> int | torch.Tensor:
         """Visual index of the token whose scoring point this is: an int, or (S,) per sequence (chunks)."""
@@ -62,8 +82,7 @@ class LayerKV:
         (visual token i at layout index P + i) and the policies' thresholds stay uniform.
         """
         length = keys.shape[2]
-        self.keys[:, :, :length] = keys
-        self.values[:, :, :length] = values
+        self._write_chunk(torch.arange(length, device=keys.device).expand(*keys.shape[:2], -1), keys, values)
         self.positions[:, :, :length] = torch.arange(length, device=keys.device)
         self.valid[:, :, :length] = True
         if present is not None and not bool(present.all()):
@@ -81,15 +100,13 @@ class LayerKV:
             return self._append_chunk(key, value)
         if torch.compiler.is_compiling():
             slot = self.step.slot
-            self.keys.index_copy_(2, slot, key)
-            self.values.index_copy_(2, slot, value)
+            self._write_index(slot, key, value)
             self.positions.index_fill_(2, slot, self.step.position)
             self.valid.index_fill_(2, slot, True)
             written = slot
         else:
             written = self.state.slot
-            self.keys.narrow(2, written, 1).copy_(key)
-            self.values.narrow(2, written, 1).copy_(value)
+            self._write_slot(written, key, value)
             self.positions.narrow(2, written, 1).fill_(self.step.position)
             self.valid.narrow(2, written, 1).fill_(True)
         for signal in self.signals.values():
@@ -99,19 +116,41 @@ class LayerKV:
         slots = self.step.chunk_slots  # (S, k)
         heads, dim = key.shape[1], key.shape[3]
         index = slots[:, None, :].expand(-1, heads, -1)  # (S, H, k)
-        self.keys.scatter_(2, index[..., None].expand(-1, -1, -1, dim), key)
-        self.values.scatter_(2, index[..., None].expand(-1, -1, -1, dim), value)
+        self._write_chunk(index, key, value)
         self.positions.scatter_(2, index, self.step.chunk_positions[:, None, :].expand(-1, heads, -1))
         self.valid.scatter_(2, index, True)
         for signal in self.signals.values():
             signal.written(self, slots)
+
+    def _write_slot(self, slot: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key/value (S, H, 1, D) into the host's `slot` of every sequence and head (eager, aligned)."""
+        self.keys.narrow(2, slot, 1).copy_(key)
+        self.values.narrow(2, slot, 1).copy_(value)
+
+    def _write_index(self, slot: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key/value (S, H, 1, D) into slot (1,) of every sequence and head (compiled, aligned)."""
+        self.keys.index_copy_(2, slot, key)
+        self.values.index_copy_(2, slot, value)
+
+    def _write_chunk(self, index: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """key/value (S, H, k, D) into the slots index (S, H, k)."""
+        dim = key.shape[-1]
+        self.keys.scatter_(2, index[..., None].expand(-1, -1, -1, dim), key)
+        self.values.scatter_(2, index[..., None].expand(-1, -1, -1, dim), value)
+
+    def _move(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copy the keys and values of slots `sources` (S, H, c) into `targets` (S, H, c)."""
+        dim = self.head_dim
+        for store in self.kv_tensors():
+            store.scatter_(2, targets[..., None].expand(-1, -1, -1, dim),
+                           store.gather(2, sources[..., None].expand(-1, -1, -1, dim)))
 
     # ---- attention -----------------------------------------------------------------------------
 
     def attend(self, query: torch.Tensor) -> torch.Tensor:
         """Attention of the step's queries over the occupied slots. (S, H, k, D) -> (S, H, k, D)."""
         width = self.state.width
-        keys, values = self.keys[:, :, :width], self.values[:, :, :width]
+        keys, values = self.stored(width)
         if self.state.chunked:  # each sequence's chunk, causal among itself, after its own occupied slots
             mask = self.valid[:, :, None, :width] & self.step.chunk_causal[..., :width]
         else:
@@ -172,7 +211,7 @@ class LayerKV:
             self.valid[:, :, freed] = False
             self.positions[:, :, freed] = -1
             return
-        slot = torch.arange(self.keys.shape[2], device=self.keys.device)
+        slot = torch.arange(self.positions.shape[2], device=self.positions.device)
         freed = (slot >= torch.from_numpy(top).to(slot.device)[:, None]) & (
             slot < torch.from_numpy(occupancy).to(slot.device)[:, None])  # (S, C)
         self.valid.masked_fill_(freed[:, None], False)
@@ -183,7 +222,7 @@ class LayerKV:
         int, or (S,) per sequence) into the free slots below it, lowest first. Afterwards all occupied slots lie
         below the target. Unlike `evict`, victims may be anywhere, tokens written since the previous scoring
         point included, and each (sequence, head) may free its own number of slots."""
-        width, capacity, prefix = evicted.shape[-1], self.keys.shape[2], self.layout.prefix_len
+        width, capacity, prefix = evicted.shape[-1], self.positions.shape[2], self.layout.prefix_len
         self.valid[:, :, :width] &= ~evicted
         self.positions[:, :, :width].masked_fill_(evicted, -1)
         span = width - int(np.min(target))  # the most tokens that can sit at or above their sequence's target
@@ -199,10 +238,7 @@ class LayerKV:
         holes = torch.where(free, slot, width + slot).topk(span, dim=-1, largest=False).values  # lowest first
         rank = (movers.cumsum(dim=-1) - 1).clamp(min=0)  # the k-th mover takes the k-th hole
         targets = torch.where(movers, holes.gather(2, rank), sources)  # non-movers copy a slot onto itself
-        dim = self.keys.shape[-1]
-        for store in (self.keys, self.values):
-            store.scatter_(2, targets[..., None].expand(-1, -1, -1, dim),
-                           store.gather(2, sources[..., None].expand(-1, -1, -1, dim)))
+        self._move(sources, targets)
         for store in (self.positions, self.valid):
             store.scatter_(2, targets, store.gather(2, sources))
         moved_away = slot >= first  # every survivor up there now has a slot below the target
