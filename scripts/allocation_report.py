@@ -211,7 +211,7 @@ def figure(table: pd.DataFrame, path: Path, compare: str = "allocation") -> None
                 axis.bar(x, value, width, yerr=np.nan_to_num(errors), capsize=2, label=allocation)
         row_axes[0].axhline(0.0, color="black", linewidth=0.8)
         for axis, title in zip(row_axes, ("FID minus full (lower is better)", "PSNR to the full cache's samples, dB")):
-            axis.set_xticks(np.arange(len(policies)), policies)
+            axis.set_xticks(np.arange(len(policies)), policies, rotation=20, ha="right")  # ablation labels are long
             axis.set_title(f"keep {keep}: {title}")
         row_axes[0].legend(fontsize=8)
     fig.tight_layout()
