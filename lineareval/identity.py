@@ -15,7 +15,9 @@ parts:
   that one run could read and the other could not is compared by name (so `stage=generate` without
   the reference batch and `stage=evaluate` with it are one run). A config group added later enters
   only away from its default (`NEUTRAL_DEFAULTS`: `budget_allocation=uniform` samples as runs made
-  before the group existed, so they keep their folders). Cheap: a finished run is skipped on it.
+  before the group existed, so they keep their folders), and so does a policy field added later
+  (`NEUTRAL_FIELDS`: `cache=ssd` with `sink_recent: 0` is the SSD of the runs made before the field).
+  Cheap: a finished run is skipped on it.
 - `content`: what the config only points at, read when sampling: each weight file's name, size and
   SHA-256 of its first and last MiB, and a SHA-256 of every sample's condition (class labels, or the
   prompts themselves, wherever the prompts file lives), plus the images' resolution.
@@ -52,6 +54,9 @@ LOCATION_FIELDS = frozenset({"gpt_ckpt", "vq_ckpt", "path", "chameleon_dir", "pr
 # Config groups added after runs were made, left out of the identity at their default, which samples what
 # runs made before they existed sampled (those runs keep their identity and folder): group -> default name.
 NEUTRAL_DEFAULTS = {"budget_allocation": "uniform"}
+# Fields added to a config group's options after runs were made, left out of the identity at the value that
+# behaves as before they existed: (group, the option's _target_) -> {field: that value}.
+NEUTRAL_FIELDS = {("cache", "lineareval.cache.ssd.SSD"): {"sink_recent": 0}}
 EDGE_BYTES = 2**20  # a weight file is fingerprinted by its size and its first and last MiB
 HASH_CHARS = 8  # of the run folder name's hash: 32 bits, and the identity check catches a collision
 
@@ -118,6 +123,11 @@ def config_identity(cfg: DictConfig | Mapping, read_files: bool = True, for_fold
     for group, default in NEUTRAL_DEFAULTS.items():
         if isinstance(identity.get(group), Mapping) and identity[group].get("name") == default:
             del identity[group]
+    for (group, target), fields in NEUTRAL_FIELDS.items():
+        options = identity.get(group)
+        if isinstance(options, Mapping) and options.get("_target_") == target:
+            identity[group] = {key: value for key, value in options.items()
+                               if not (key in fields and value == fields[key])}
     device, dtype = _resolved(node, "device", "auto"), _resolved(node, "dtype", "auto")
     if not for_folder or kept:  # a suite measures the device: its folder names it
         identity["device"] = resolved_device_type(device)

@@ -3,6 +3,7 @@
     python scripts/allocation_report.py outputs/demo_fid/demo [--out results] [--name demo_allocations]
     python scripts/allocation_report.py ROOT --compare decoding   # each decoding method against sequential
     python scripts/allocation_report.py ROOT --compare policy     # each policy against LineAR, same keep
+    python scripts/allocation_report.py ROOT --compare policy --base ssd --where "policy=ssd,ssd[sink_recent=16]"
 
 Reads every finished run (metrics.json) under the folder, as `make allocations` writes them (conf/experiment/
 allocations.yaml: the trained demo model, 400 samples, the same seeds under every policy), and writes
@@ -19,6 +20,10 @@ Every number comes from the library: the runs' records (lineareval/benchmarks/pa
 allocation-minus-uniform differences, `metrics.paired.distribution_summary` on the two runs' cached
 Inception features (same samples, so the bootstrap resamples sample indices jointly, exactly as against
 full). A `*` marks a difference whose 95% interval excludes 0.
+
+A run whose policy settings differ from its conf/cache/<name>.yaml (an ablation: `cache.sink_recent=16`) is its
+own policy, `ssd[sink_recent=16]`; `--base` compares every run with another base value than the default one
+(the ablation against the SSD defaults: `--compare policy --base ssd`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from omegaconf import OmegaConf
 from lineareval.api import config_options
 from lineareval.record import RunRecord, find_runs
 from lineareval.tables import run_table
+
+CACHE_CONF = Path(__file__).resolve().parents[1] / "conf" / "cache"
 
 # Against the full-cache partner (recorded by the benchmark), each with `_ci_low` / `_ci_high`
 AGAINST_FULL = ("fid_difference", "kid_difference", "token_agreement", "psnr", "ssim", "inception_cosine")
@@ -53,9 +60,22 @@ def finished_runs(root: Path) -> list[tuple[RunRecord, Path]]:
     return find_runs(root)
 
 
+def policy_label(cache: str, settings) -> str:
+    """`cache`, with the settings its run changed from conf/cache/<cache>.yaml: `ssd[sink_recent=16]` (a
+    setting the YAML lacks, or a record without settings, reads as the default)."""
+    path = CACHE_CONF / f"{cache}.yaml"
+    if not isinstance(settings, dict) or not path.is_file():
+        return cache
+    defaults = OmegaConf.to_container(OmegaConf.load(path))
+    changed = [f"{key}={value}" for key, value in sorted(settings.items())
+               if key in defaults and value != defaults[key]]
+    return f"{cache}[{' '.join(changed)}]" if changed else cache
+
+
 def quality_table(runs: list[tuple[RunRecord, Path]]) -> pd.DataFrame:
     """One row per run: what its record says, with the allocation and the KV-cache size."""
     runs = run_table(runs)
+    runs = runs.assign(cache=[policy_label(cache, settings) for cache, settings in zip(runs.cache, runs.policy)])
     table = runs.reindex(columns=list(RUN_FIELDS)).rename(columns=RUN_FIELDS)
     return table.assign(kv_cache_mib=runs.kv_cache_capacity_bytes / 2**20, run_dir=runs.run_dir)
 
@@ -67,15 +87,15 @@ def benchmark_of(run_dir: Path):
     return call_target(OmegaConf.load(run_dir / "config.yaml").benchmark, exclude=("name",))
 
 
-def variant_differences(table: pd.DataFrame, replicates: int, seed: int, compare: str = "allocation"
-                        ) -> pd.DataFrame:
-    """Each run minus the run of the base value of `compare` (uniform allocation, sequential decoding) of the
-    same policy, keep, seed, sample count and the other compared column."""
+def variant_differences(table: pd.DataFrame, replicates: int, seed: int, compare: str = "allocation",
+                        base_value: str | None = None) -> pd.DataFrame:
+    """Each run minus the run of the base value of `compare` (uniform allocation, sequential decoding, linear;
+    or `base_value`) of the same policy, keep, seed, sample count and the other compared column."""
     from lineareval.metrics.bootstrap import BootstrapSettings
     from lineareval.metrics.paired import distribution_summary
 
     settings = BootstrapSettings(replicates=replicates, seed=seed)
-    base_value, rows = COMPARED[compare], []
+    base_value, rows = base_value or COMPARED[compare], []
     key = [column for column in ("policy", "keep", "seed", "num_samples", "allocation", "decoding") if column != compare]
     for values, group in table.groupby(key):
         base = group[group[compare] == base_value]
@@ -111,10 +131,11 @@ def ordered(table: pd.DataFrame) -> pd.DataFrame:
         return {name: index for index, name in enumerate(sorted(config_options(group),
                                                                  key=lambda name: (name != base, name)))}
 
-    keys = table.assign(_keep=-table.budget, _policy=table.policy.map(rank("cache", "full")),
+    keys = table.assign(_keep=-table.budget, _policy=table.policy.str.partition("[")[0].map(rank("cache", "full")),
+                        _variant=table.policy,
                         _allocation=table.allocation.map(rank("budget_allocation", "uniform")),
                         _decoding=table.decoding.map(rank("decoding", "sequential")))
-    columns = ["_keep", "_policy", "_allocation", "_decoding"]
+    columns = ["_keep", "_policy", "_variant", "_allocation", "_decoding"]
     return keys.sort_values(columns).drop(columns=columns)
 
 
@@ -131,7 +152,8 @@ def cell(row, name: str, digits: int, difference: bool = False) -> str:
     return f"{value:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]{mark}"
 
 
-def markdown(table: pd.DataFrame, differences: pd.DataFrame, compare: str = "allocation") -> str:
+def markdown(table: pd.DataFrame, differences: pd.DataFrame, compare: str = "allocation",
+             base_value: str | None = None) -> str:
     """The runs' table (against their full-cache partner), then each variant's differences from its base."""
     decoding = compare == "decoding" or table.decoding.nunique() > 1
     header = ["keep", "policy", "allocation", *(["decoding", "passes / image", "tokens / pass", "acceptance",
@@ -151,7 +173,7 @@ def markdown(table: pd.DataFrame, differences: pd.DataFrame, compare: str = "all
     if differences.empty:
         return "\n".join(lines) + "\n"
     same = [column for column in ("keep", "policy", "allocation", "decoding") if column != compare]
-    lines += ["", f"Each {compare} minus {COMPARED[compare]}, same {', '.join(same)} (paired over sample indices, "
+    lines += ["", f"Each {compare} minus {base_value or COMPARED[compare]}, same {', '.join(same)} (paired over sample indices, "
               "95% percentile bootstrap; * = interval excludes 0):", "",
               "| " + " | ".join([*same, compare, "FID diff", "KID diff", "precision diff"]) + " |",
               "|" + "---|" * (len(same) + 4)]
@@ -189,7 +211,7 @@ def figure(table: pd.DataFrame, path: Path, compare: str = "allocation") -> None
                 axis.bar(x, value, width, yerr=np.nan_to_num(errors), capsize=2, label=allocation)
         row_axes[0].axhline(0.0, color="black", linewidth=0.8)
         for axis, title in zip(row_axes, ("FID minus full (lower is better)", "PSNR to the full cache's samples, dB")):
-            axis.set_xticks(np.arange(len(policies)), policies)
+            axis.set_xticks(np.arange(len(policies)), policies, rotation=20, ha="right")  # ablation labels are long
             axis.set_title(f"keep {keep}: {title}")
         row_axes[0].legend(fontsize=8)
     fig.tight_layout()
@@ -203,6 +225,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--compare", choices=sorted(COMPARED), default="allocation",
                         help="the column whose values are compared with its base (uniform, sequential)")
+    parser.add_argument("--base", help="the value of the --compare column the others are compared with "
+                                       "(default: uniform, sequential, linear)")
     parser.add_argument("--name", help="of the files written (default: demo_<compare>_differences)")
     parser.add_argument("--where", nargs="*", default=[], metavar="COLUMN=VALUE",
                         help="only the runs with these values, e.g. allocation=uniform keep=1,1/4")
@@ -213,13 +237,13 @@ def main() -> None:
     if not runs:
         raise SystemExit(f"no finished runs (metrics.json) under {args.root}")
     table = ordered(select(quality_table(runs), args.where))
-    differences = variant_differences(table, args.replicates, args.seed, args.compare)
+    differences = variant_differences(table, args.replicates, args.seed, args.compare, args.base)
     args.name = args.name or f"demo_{args.compare}_differences"
     args.out.mkdir(parents=True, exist_ok=True)
     table.drop(columns=["run_dir"]).to_csv(args.out / f"{args.name}.csv", index=False)
     if not differences.empty:
         differences.to_csv(args.out / f"{args.name}_differences.csv", index=False)
-    text = markdown(table, differences, args.compare)
+    text = markdown(table, differences, args.compare, args.base)
     (args.out / f"{args.name}.md").write_text(text)
     figure(table, args.out / f"{args.name}.png", args.compare)
     print(text)

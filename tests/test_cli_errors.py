@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -50,17 +52,35 @@ def test_a_read_only_output_root_is_a_clear_error_not_hydras_mkdir_traceback(tmp
 
 
 def test_ctrl_c_says_how_to_resume_and_exits_130_without_a_traceback(tmp_path):
-    process = run_py(tmp_path, "num_samples=400", "batch_size=2", f"output_root={tmp_path / 'out'}")
-    lines = []
-    deadline = time.monotonic() + 300
-    for line in process.stdout:  # wait until sampling has begun
-        lines.append(line)
-        if "shards to sample" in line or time.monotonic() > deadline:
-            break
-    time.sleep(2)
-    process.send_signal(signal.SIGINT)
-    rest, _ = process.communicate(timeout=300)
-    output = "".join(lines) + rest
+    """SIGINT mid-sampling: exit status 130, the line saying how to resume, no traceback, the shards kept.
+
+    The signal waits for a state, not a time: a finished shard on disk (sampling is under way, past the start-up
+    and the first batch). A fixed sleep after a log line put it wherever the load had let the run get to, and
+    reading that line without a deadline could hang. Far more samples than any wait here could sample keep the
+    run sampling when the signal arrives; a thread drains the merged output all along (a full pipe would
+    stall the run)."""
+    out = tmp_path / "out"
+    process = run_py(tmp_path, "num_samples=100000", "batch_size=2", f"output_root={out}")
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(out.rglob("shard-*.npz")):
+            assert process.poll() is None, f"exited ({process.returncode}) before a shard:\n{''.join(lines)[-3000:]}"
+            assert time.monotonic() < deadline, f"no finished shard within 300 s:\n{''.join(lines)[-3000:]}"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+        reader.join(timeout=60)
+    output = "".join(lines)
     assert process.returncode == 130, output[-3000:]
     assert "interrupted by Ctrl-C" in output and "run the same command again to resume" in output
     assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    reported = re.search(r"keeps its finished work \((\d+) finished shards\)", output)
+    assert reported and int(reported.group(1)) >= 1, output[-3000:]
+    assert len(list(out.rglob("shard-*.npz"))) >= int(reported.group(1))  # what it says it keeps is there

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from lineareval.cache.heads import HeadTypes, classify, neighbourhood_mass, priority_ranks
@@ -100,13 +101,18 @@ def expected_locality(probabilities: torch.Tensor, layout: TokenLayout, lines: i
     return total / (lines * n)
 
 
-def test_ssd_keeps_the_newest_in_locality_heads_and_the_most_attended_in_sink_heads(setup, policy_factory):
+@pytest.mark.parametrize("sink_recent", [0, 5])
+def test_ssd_keeps_the_newest_in_locality_heads_and_the_most_attended_in_sink_heads(setup, policy_factory,
+                                                                                     sink_recent):
     """From the oracle forward: the head types, and after every eviction each head's kept visual tokens (locality
-    heads: the newest B; sink heads: the top B by accumulated attention, margin columns counted twice)."""
+    heads: the newest B; sink heads: their newest `sink_recent` (none by default), then the top B - sink_recent
+    of the rest by accumulated attention, margin columns counted twice)."""
     model, labels, tokens = setup
     layout, prefix, n = model.layout, model.layout.prefix_len, model.layout.line_len
     budget = 16  # two lines: the classification is over before the first eviction (line end 2)
-    policy = policy_factory("ssd", "cache.threshold=0.4")  # the random model's shares straddle 0.4
+    # the random model's shares straddle 0.4; 5 recent tokens: the line's 8 do not cover them (nor they the line)
+    policy = policy_factory("ssd", "cache.threshold=0.4", f"cache.sink_recent={sink_recent}")
+    assert policy.sink_recent == sink_recent
     trace = run_policy(model, policy, budget, labels, tokens)
     probabilities = attention_probabilities(model, labels, tokens[:, :-1], oracle_masks(trace, prefix))
     kinds = set()
@@ -125,8 +131,44 @@ def test_ssd_keeps_the_newest_in_locality_heads_and_the_most_attended_in_sink_he
                 if locality[sequence, head]:
                     expected = list(range(step + 1 - budget, step + 1))
                 else:
-                    present = trace.visible[step][layer][sequence, head, prefix: prefix + step + 1]
+                    present = trace.visible[step][layer][sequence, head, prefix: prefix + step + 1].clone()
+                    recent = list(range(step + 1 - sink_recent, step + 1))
+                    assert present[recent].all(), (step, layer, sequence, head)
+                    present[recent] = False
                     values = boosted[sequence, head].masked_fill(~present, float("-inf"))
-                    expected = sorted(values.topk(budget).indices.tolist())
+                    expected = sorted(recent + values.topk(budget - sink_recent).indices.tolist())
                 assert held == expected, (step, layer, sequence, head)
     assert kinds == {True, False}, "the test needs both head types"
+
+
+def test_sink_heads_keep_their_recent_window_only_when_asked(setup, policy_factory):
+    """sink_recent changes what the sink heads keep: with a line's worth, every head keeps the last line (the
+    default's sink heads drop some of it for older heavy hitters)."""
+    model, labels, tokens = setup
+    layout, prefix, n, budget = model.layout, model.layout.prefix_len, model.layout.line_len, 16
+    step = max(step for step in range(layout.num_visual - 1) if layout.is_line_end(step))  # the last eviction
+    kept = {}
+    for recent in (0, n):
+        trace = run_policy(model, policy_factory("ssd", "cache.threshold=0.4", f"cache.sink_recent={recent}"),
+                           budget, labels, tokens)
+        kept[recent] = torch.stack([layer[..., prefix: prefix + step + 1] for layer in trace.after[step]])
+    assert kept[n][..., -n:].all(), "with sink_recent = a line every head keeps the last line"
+    assert not kept[0][..., -n:].all(), "by default some sink head keeps older heavy hitters instead"
+    assert (kept[0].sum(-1) == budget).all() and (kept[n].sum(-1) == budget).all()
+
+
+def test_sink_recent_0_keeps_the_identity_and_folder_of_the_runs_made_before_the_field(make_config):
+    from omegaconf import open_dict
+
+    from lineareval.identity import config_identity
+
+    cfg = make_config("cache=ssd")
+    before = cfg.copy()
+    with open_dict(before):
+        del before.cache["sink_recent"]  # conf/cache/ssd.yaml as it was
+    assert cfg.cache.sink_recent == 0
+    assert config_identity(cfg, for_folder=True) == config_identity(before, for_folder=True)
+    assert config_identity(cfg) == config_identity(before)
+    ablation = make_config("cache=ssd", "cache.sink_recent=16")
+    assert config_identity(ablation)["cache"]["sink_recent"] == 16
+    assert config_identity(ablation, for_folder=True) != config_identity(cfg, for_folder=True)

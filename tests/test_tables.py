@@ -112,3 +112,14 @@ def test_readers_of_records_go_through_the_typed_record_and_the_run_table(path):
     forbidden = [r'"rows" (not )?in', r'\.get\("decoding"', r'\.get\("budget_allocation"', r'"name", "sequential"',
                  r'rglob\("metrics\.json"\)', r'"metrics\.json"\)\.read_text', r"load_record\("]
     assert [pattern for pattern in forbidden if re.search(pattern, source)] == []
+
+
+def test_the_allocation_report_names_a_run_by_the_policy_settings_it_changed(monkeypatch):
+    """An ablation (`cache.sink_recent=16`) is its own row and comparison base, `ssd[sink_recent=16]`; the defaults,
+    and a record written before a setting existed, read as the policy's plain name."""
+    report = load_script("allocation_report", monkeypatch)
+    assert report.policy_label("ssd", {"margin_boost": 2.0, "sink_recent": 0}) == "ssd"
+    assert report.policy_label("ssd", {"margin_boost": 2.0}) == "ssd"
+    assert report.policy_label("ssd", {"margin_boost": 2.0, "sink_recent": 16}) == "ssd[sink_recent=16]"
+    assert report.policy_label("ssd", {"margin_boost": 1.0, "sink_recent": 16}) == "ssd[margin_boost=1.0 sink_recent=16]"
+    assert report.policy_label("linear", None) == "linear"
