@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, SHIPPED_POLICIES, tiny_llamagen
+from conftest import ALLOCATION_CONFIGS, CACHE_CONFIGS, SHIPPED_POLICIES, llamagen_depth, roundoff_tolerance, tiny_llamagen
 from lineareval.cache import TokenLayout
 from lineareval.cache.allocation import Budgets, allocate, pyramid, round_preserving_sum
 from lineareval.cache.selection import joint_victims
@@ -211,8 +211,9 @@ def store_trace(model, policy, budgets, labels, tokens, chunks: np.random.Genera
 @pytest.mark.parametrize("chunked", [False, True], ids=["sequential", "chunks"])
 @pytest.mark.parametrize("name", ["linear", "h2o", "rkv", "headkv"])
 def test_the_packed_store_computes_exactly_what_the_dense_store_does(policy_factory, budgets_for, name, chunked):
-    """adaptive_heads with the packed store (lineareval/cache/packed.py) and with the dense one: bit-identical logits,
-    slot layouts and stored keys at every step, sequential and in random chunks (hence the same sampled tokens)."""
+    """adaptive_heads with the packed store (lineareval/cache/packed.py) and with the dense one: the same slot layouts
+    (positions, occupancy) at every step, sequential and in random chunks, and logits and stored keys equal up to the
+    round-off of attention summed in another order (the packed store attends over its pool's rows)."""
     model = tiny_llamagen(grid=8)
     labels = torch.tensor([3, 7, 10, 10])
     tokens = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(1))
@@ -224,7 +225,12 @@ def test_the_packed_store_computes_exactly_what_the_dense_store_does(policy_fact
                                      rng())
     assert type(cache.layers[0]).__name__ == "PackedLayerKV" and type(dense_cache.layers[0]).__name__ == "LayerKV"
     assert cache.state.evictions > 0 and cache.state.head_holes
-    assert len(packed) == len(dense) and all(torch.equal(a, b) for a, b in zip(packed, dense))
+    assert len(packed) == len(dense)
+    for a, b in zip(packed, dense):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, **roundoff_tolerance(b, llamagen_depth(model)))
+        else:
+            assert torch.equal(a, b)
 
 
 def test_runs_record_and_name_their_allocation(make_config):

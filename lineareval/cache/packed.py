@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lineareval.cache.store import LayerKV
+
+GATHER_MULTIPLE = 64
 
 
 class PackedLayerKV(LayerKV):
@@ -81,9 +84,17 @@ class PackedLayerKV(LayerKV):
     # ---- reading and writing through the rows ----------------------------------------------------
 
     def _gather(self, pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """pool (S, T + 1, D) at rows (S, H, k) -> (S, H, k, D)."""
-        return pool.view(-1, pool.shape[-1]).index_select(0, (self.row_base + rows).reshape(-1)).view(
-            *rows.shape, pool.shape[-1])
+        """pool (S, T + 1, D) at rows (S, H, k) -> (S, H, k, D).
+
+        Eager, the block is taken from one of a few sizes (k rounded up to GATHER_MULTIPLE slots): the width grows
+        by a slot a step, and a CPU allocator handed a new size every step keeps the old blocks resident."""
+        dim, flat = pool.shape[-1], (self.row_base + rows).reshape(-1)
+        if torch.compiler.is_compiling():
+            return pool.view(-1, dim).index_select(0, flat).view(*rows.shape, dim)
+        sequences, heads, width = rows.shape
+        block = torch.empty(sequences * heads * -(-width // GATHER_MULTIPLE) * GATHER_MULTIPLE, dim, dtype=pool.dtype,
+                            device=pool.device)
+        return torch.index_select(pool.view(-1, dim), 0, flat, out=block[: flat.numel()]).view(*rows.shape, dim)
 
     def stored(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = self.rows[:, :, :width]
@@ -91,6 +102,45 @@ class PackedLayerKV(LayerKV):
 
     def stored_keys(self, width: int) -> torch.Tensor:
         return self._gather(self.pool_keys, self.rows[:, :, :width])
+
+    def attend(self, query: torch.Tensor) -> torch.Tensor:
+        """Attention of the step's queries (S, H, k, D) over the pool, each head's queries masked to its own occupied
+        rows: one product per sequence of its H * k queries with its T rows (the keys and values are read once, as
+        a uniform store's; no (S, H, W, D) copy), then the same mask rules as `LayerKV.attend`."""
+        sequences, heads, k, dim = query.shape
+        width, pool = self.state.width, self.unmapped
+        visible = self.valid[:, :, None, :width]  # adaptive_heads always attends with the occupancy mask
+        if self.state.chunked:
+            visible = visible & self.step.chunk_causal[..., :width]
+        visible = visible.expand(-1, -1, k, -1)
+        rows = self.rows[:, :, None, :width].long().expand(-1, -1, k, -1)  # (S, H, k, W)
+        # each visible slot's row, marked for its head's queries (an occupied row belongs to one slot of one head)
+        mask = torch.zeros(sequences, heads, k, pool + 1, dtype=torch.bool, device=query.device)
+        mask.scatter_(3, torch.where(visible, rows, pool), True)
+        mask[..., pool] = False
+        if self.buffers_queries:
+            for signal in self.signals.values():
+                signal.queried(self, query)
+        flat = query.reshape(sequences, 1, heads * k, dim)
+        if not self.explicit:
+            out = F.scaled_dot_product_attention(flat, self.pool_keys[:, None], self.pool_values[:, None],
+                                                 attn_mask=mask.view(sequences, 1, heads * k, pool + 1))
+            return out.view(sequences, heads, k, dim)
+        logits = torch.matmul(flat, self.pool_keys[:, None].transpose(-1, -2)).float() * self.scale
+        probs = torch.softmax(logits.masked_fill(~mask.view_as(logits), float("-inf")), dim=-1)
+        slots = probs.view(sequences, heads, k, pool + 1).gather(3, rows).masked_fill(~visible, 0.0)  # (S, H, k, W)
+        for signal in self.signals.values():
+            if signal.every_step:
+                signal.attended(self, slots)
+        return torch.matmul(probs.to(self.pool_values.dtype), self.pool_values[:, None]).view(sequences, heads, k, dim)
+
+    def key_logits(self, queries: torch.Tensor, width: int) -> torch.Tensor:
+        """As `LayerKV.key_logits`, from one product of each sequence's H * q queries with its pool (no key copy),
+        then each slot's row."""
+        sequences, heads, count, dim = queries.shape
+        pool = torch.matmul(queries.reshape(sequences, heads * count, dim), self.pool_keys.transpose(-1, -2)).float()
+        rows = self.rows[:, :, None, :width].long().expand(-1, -1, count, -1)
+        return pool.view(sequences, heads, count, -1).gather(3, rows)
 
     def _write_rows(self, rows: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """key/value (S, H, k, D) into pool rows (S, H, k)."""

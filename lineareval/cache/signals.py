@@ -204,7 +204,7 @@ class LineState(QueryRing):
         """
         if self._probabilities is None:
             width, n = layer.state.high_water, layer.layout.line_len
-            logits = torch.matmul(self.queries, layer.stored_keys(width).transpose(-1, -2)).float()
+            logits = layer.key_logits(self.queries, width)
             logits.mul_(layer.scale)  # in place: no second (S, H, n, W) block
             mask = layer.step.line_mask
             if mask is not None and mask.shape[-1] == width:
@@ -251,7 +251,7 @@ class WindowState(QueryRing):
         the prefix's keys inside it. A sequence with nothing before its window scores 0.
         """
         width = layer.state.high_water
-        logits = torch.matmul(self.queries, layer.stored_keys(width).transpose(-1, -2)).float()  # (S, H, w, W)
+        logits = layer.key_logits(self.queries, width)  # (S, H, w, W)
         logits.mul_(layer.scale)
         first = layer.layout.prefix_len + layer.scoring_index() + 1 - self.length  # int, or (S,) per sequence
         before = layer.positions[:, :, :width] < torch.as_tensor(first, device=logits.device).reshape(-1, 1, 1)

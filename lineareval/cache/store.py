@@ -68,6 +68,10 @@ class LayerKV:
         """Keys (S, H, W, D) of slots [0, width)."""
         return self.keys[:, :, :width]
 
+    def key_logits(self, queries: torch.Tensor, width: int) -> torch.Tensor:
+        """Unscaled fp32 logits (S, H, q, W) of queries (S, H, q, D) against the keys of slots [0, width)."""
+        return torch.matmul(queries, self.keys[:, :, :width].transpose(-1, -2)).float()
+
     def scoring_index(self) -> int | torch.Tensor:
         """Visual index of the token whose scoring point this is: an int, or (S,) per sequence (chunks)."""
         return self.step.scoring if self.state.chunked else self.state.visual_index
