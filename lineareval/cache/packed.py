@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lineareval.cache.store import LayerKV
 
@@ -121,18 +120,17 @@ class PackedLayerKV(LayerKV):
         if self.buffers_queries:
             for signal in self.signals.values():
                 signal.queried(self, query)
-        flat = query.reshape(sequences, 1, heads * k, dim)
-        if not self.explicit:
-            out = F.scaled_dot_product_attention(flat, self.pool_keys[:, None], self.pool_values[:, None],
-                                                 attn_mask=mask.view(sequences, 1, heads * k, pool + 1))
-            return out.view(sequences, heads, k, dim)
-        logits = torch.matmul(flat, self.pool_keys[:, None].transpose(-1, -2)).float() * self.scale
+        # explicit products, not SDPA: with a boolean mask over the pool CPU SDPA took 20x the two matmuls
+        # (scripts/packed_attention_speed.py); softmax in fp32 as the dense store's explicit path
+        flat = query.reshape(sequences, heads * k, dim)
+        logits = torch.matmul(flat, self.pool_keys.transpose(-1, -2)).float() * self.scale  # (S, H * k, T + 1)
         probs = torch.softmax(logits.masked_fill(~mask.view_as(logits), float("-inf")), dim=-1)
-        slots = probs.view(sequences, heads, k, pool + 1).gather(3, rows).masked_fill(~visible, 0.0)  # (S, H, k, W)
-        for signal in self.signals.values():
-            if signal.every_step:
-                signal.attended(self, slots)
-        return torch.matmul(probs.to(self.pool_values.dtype), self.pool_values[:, None]).view(sequences, heads, k, dim)
+        if self.explicit:
+            slots = probs.view(sequences, heads, k, pool + 1).gather(3, rows).masked_fill(~visible, 0.0)
+            for signal in self.signals.values():
+                if signal.every_step:
+                    signal.attended(self, slots)  # (S, H, k, W) in slot order, as the dense store gives them
+        return torch.matmul(probs.to(self.pool_values.dtype), self.pool_values).view(sequences, heads, k, dim)
 
     def key_logits(self, queries: torch.Tensor, width: int) -> torch.Tensor:
         """As `LayerKV.key_logits`, from one product of each sequence's H * q queries with its pool (no key copy),
