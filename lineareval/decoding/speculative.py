@@ -75,8 +75,9 @@ def _is_int(value) -> bool:
 
 @dataclass
 class Speculative(DecodingMethod):
-    """`decoding=sjd` (and `sjd_pp`, `gsd`): see the module docstring. `window`: drafts per iteration (the
-    reference's 16); `max_iterations`: a bound per batch (None: N, which always suffices)."""
+    """`decoding=sjd` (and `sjd_pp`, `gsd`): see the module docstring. `window`: tokens fed per iteration, at most
+    as many drafts verified (the reference's 16); `max_iterations`: a bound per batch (None: N, which always
+    suffices); `draft_past_evictions`: windows feed drafts past the next eviction (verified next iteration)."""
 
     name: str = "sjd"
     window: int = 16
