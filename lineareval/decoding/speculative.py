@@ -256,18 +256,20 @@ class JacobiState:
             return
         images, positions = (torch.tensor(column, device=device) for column in zip(*new))
         uniform = self.draw(self.uniform.expand(len(new), 1, -1), positions[:, None], INIT, images)[:, 0]
-        drafts, point = uniform, torch.zeros_like(positions, dtype=torch.bool)
+        forced, slots = self.forced[positions], positions % method.window
+        point = forced >= 0
+        self.drafts[images, slots] = torch.where(point, forced, uniform)
         if method.init == "above":
-            up = positions >= run.line_len
-            above = run.tokens[images, (positions - run.line_len).clamp(min=0)]
-            slot = (positions - run.line_len) % method.window
-            pending = (positions - run.line_len) >= torch.from_numpy(self.committed).to(device)[images]
-            above = torch.where(pending, self.drafts[images, slot], above)
-            drafts, point = torch.where(up, above, drafts), up
-        forced = self.forced[positions]
-        drafts, point = torch.where(forced >= 0, forced, drafts), point | (forced >= 0)
-        slots = positions % method.window
-        self.drafts[images, slots], self.point[images, slots] = drafts, point
+            up = (positions >= run.line_len) & ~point
+            row = positions - run.line_len
+            committed = run.tokens[images, row.clamp(min=0)]
+            pending = row >= torch.from_numpy(self.committed).to(device)[images]  # a draft: read it from the ring
+            # a window longer than a line drafts chains one line apart in this call: resolve them in order
+            for _ in range(-(-method.window // run.line_len)):
+                above = torch.where(pending, self.drafts[images, row % method.window], committed)
+                self.drafts[images, slots] = torch.where(up, above, self.drafts[images, slots])
+            point = point | up
+        self.point[images, slots] = point
         self.proposals[images, slots] = self.uniform
 
     def verify(self, p: torch.Tensor, drafts: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
