@@ -50,8 +50,8 @@ from lineareval.validation import check_components, check_conditions
 
 log = logging.getLogger(__name__)
 # A decoding method's per-image statistics in a shard's cost, averaged over images into the record (those every
-# shard has: draft_acceptance is the speculative methods' alone)
-DECODING_STATS = ("decode_passes_per_image", "tokens_per_pass", "draft_acceptance")
+# shard has: draft_acceptance and tokens_fed_per_pass are the speculative methods' alone)
+DECODING_STATS = ("decode_passes_per_image", "tokens_per_pass", "draft_acceptance", "tokens_fed_per_pass")
 
 __all__ = ["RunConflictError", "RunInterrupted", "RunLockedError", "StorageError", "run"]
 

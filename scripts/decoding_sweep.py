@@ -20,7 +20,8 @@ decoding x row measured interleaved in that process on the same inputs, `repeats
 - `<name>.png`: latency per image vs batch, one line per decoding, a panel per (model, cache).
 
 `--passes` instead measures forward passes per token (no timing) of every speculative variant below on
-`--passes-samples` samples of the demo model, full cache: `<name>_passes.csv`.
+`--passes-samples` samples of the demo model, full cache and LineAR 1/4: `<name>_passes.csv` (with the tokens
+fed per pass: a window that drafts past a line end feeds more than it commits).
 
 `--tiny` is the test's mode (demo model, batches 1 and 2, sequential and mc_sjd, full cache, no warm-up);
 `--dry-run` prints the commands and writes nothing. `make decoding-sweep` reproduces the committed files.
@@ -41,16 +42,25 @@ COLUMNS = ["model", "weights", "batch_size", "decoding", "cache", "keep", "laten
            "generation_s", "decode_passes_per_image", "tokens_per_pass", "draft_acceptance", "peak_memory_bytes",
            "kv_cache_capacity_bytes", "speedup_vs_sequential", "cores_busy", "repeats", "device_name"]
 RANDOM_WEIGHTS = {"llamagen_b"}  # models swept with weights=random (no checkpoint needed: cost only)
-# --passes: label -> decoding overrides (the forward passes per token of each variant, full cache)
+# --passes: label -> decoding overrides (the forward passes per token of each variant, full cache unless the label
+# names LineAR 1/4: a line end, where a window may not commit past, every 16 tokens on the demo model)
+LINEAR = ["cache=linear", "keep=1/4"]
+MC_SJD = ["decoding=mc_sjd", "decoding.window=16", "decoding.init=random"]  # SJD's setting (the default is 32, above)
 PASS_VARIANTS = {
     "sjd": ["decoding=sjd"], "sjd_pp": ["decoding=sjd_pp"], "gsd": ["decoding=gsd"],
-    "mc_sjd maximal": ["decoding=mc_sjd"], "mc_sjd gumbel": ["decoding=mc_sjd", "decoding.coupling=gumbel"],
+    "mc_sjd maximal": MC_SJD, "mc_sjd gumbel": [*MC_SJD, "decoding.coupling=gumbel"],
     "sjd init=above": ["decoding=sjd", "decoding.init=above"],
-    "mc_sjd maximal init=above": ["decoding=mc_sjd", "decoding.init=above"],
+    "mc_sjd maximal init=above": [*MC_SJD, "decoding.init=above"],
     "sjd window=32": ["decoding=sjd", "decoding.window=32"],
-    "mc_sjd maximal window=32": ["decoding=mc_sjd", "decoding.window=32"],
-    "mc_sjd gumbel window=32": ["decoding=mc_sjd", "decoding.coupling=gumbel", "decoding.window=32"],
-    "mc_sjd maximal window=32 init=above": ["decoding=mc_sjd", "decoding.window=32", "decoding.init=above"],
+    "mc_sjd maximal window=32": [*MC_SJD, "decoding.window=32"],
+    "mc_sjd gumbel window=32": [*MC_SJD, "decoding.coupling=gumbel", "decoding.window=32"],
+    "mc_sjd maximal window=32 init=above": [*MC_SJD, "decoding.window=32", "decoding.init=above"],
+    "linear 1/4 sjd": ["decoding=sjd", *LINEAR],
+    "linear 1/4 mc_sjd maximal": [*MC_SJD, *LINEAR],
+    "linear 1/4 mc_sjd maximal draft_past_evictions=false": [*MC_SJD, "decoding.draft_past_evictions=false", *LINEAR],
+    "linear 1/4 mc_sjd maximal init=above": [*MC_SJD, "decoding.init=above", *LINEAR],
+    "linear 1/4 mc_sjd maximal window=32": [*MC_SJD, "decoding.window=32", *LINEAR],
+    "linear 1/4 mc_sjd maximal window=32 init=above": [*MC_SJD, "decoding.window=32", "decoding.init=above", *LINEAR],
 }
 TINY = dict(models=["demo"], batches=[1, 2], decodings=["sequential", "mc_sjd"], rows=["full"], warmup=0, repeats=1)
 
@@ -141,9 +151,11 @@ def passes(args) -> pd.DataFrame:
     """Forward passes per visual token of every PASS_VARIANTS entry (one `benchmark=samples` run each)."""
     import json
 
+    import numpy as np
+
     rows = []
     for label, overrides in PASS_VARIANTS.items():
-        run_dir = args.runs / "passes" / label.replace(" ", "_").replace("=", "-")
+        run_dir = args.runs / "passes" / label.replace(" ", "_").replace("=", "-").replace("/", "_")
         command = ["run.py", "benchmark=samples", "model=demo", f"num_samples={args.passes_samples}",
                    f"batch_size={args.passes_samples}", "decode_images=false", f"device={args.device}",
                    *overrides, f"run_dir={run_dir}", *args.overrides]
@@ -153,12 +165,14 @@ def passes(args) -> pd.DataFrame:
         if not args.skip_runs:
             run(command)
         record = json.loads((run_dir / "metrics.json").read_text())
-        num_visual = record["visual_budget"]  # the full cache: every visual token
-        rows.append({"variant": label, "num_samples": args.passes_samples,
+        num_visual = np.load(run_dir / "tokens.npz")["tokens"].shape[1]
+        rows.append({"variant": label, "cache": record["cache"], "keep": record["keep"],
+                     "num_samples": args.passes_samples,
                      "decode_passes_per_image": record["decode_passes_per_image"],
                      "passes_per_token": record["decode_passes_per_image"] / (num_visual - 1),
                      "fewer_passes_than_sequential": (num_visual - 1) / record["decode_passes_per_image"],
-                     "draft_acceptance": record.get("draft_acceptance")})
+                     "draft_acceptance": record.get("draft_acceptance"),
+                     "tokens_fed_per_pass": record.get("tokens_fed_per_pass")})
     return pd.DataFrame(rows)
 
 

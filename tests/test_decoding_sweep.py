@@ -68,9 +68,12 @@ def test_tiny_mode_writes_the_table_crossover_and_figure(tmp_path):
     assert len(pd.read_csv(out / "sweep_crossover.csv")) == 1
 
 
-def test_passes_dry_run_lists_every_variant_on_the_full_cache(capsys, tmp_path):
+def test_passes_dry_run_lists_every_variant_on_the_full_cache_and_linear(capsys, tmp_path):
     assert decoding_sweep.main(["--passes", "--dry-run", "--runs", str(tmp_path)]) is None
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == len(decoding_sweep.PASS_VARIANTS) and all("benchmark=samples" in line for line in lines)
-    assert any("decoding=mc_sjd decoding.coupling=gumbel" in line for line in lines)
-    assert not any("cache=" in line for line in lines) and not any(tmp_path.iterdir())
+    assert any("decoding=mc_sjd" in line and "decoding.coupling=gumbel" in line for line in lines)
+    linear = [line for line in lines if "cache=linear keep=1/4" in line]
+    assert len(linear) == sum(label.startswith("linear") for label in decoding_sweep.PASS_VARIANTS) >= 2
+    assert sum("cache=" in line for line in lines) == len(linear) and not any(tmp_path.iterdir())
+    assert all(line.split("run_dir=")[1].count("/") == str(tmp_path).count("/") + 2 for line in lines)  # one folder

@@ -230,3 +230,23 @@ def test_drafts_from_the_target_distribution_are_all_accepted(make_config):
     # each of the N - 1 decoded tokens was a judged draft and a pass ends at most one with a rejection
     decoded = sequential["decode_passes_per_image"]
     assert model["decode_passes_per_image"] >= (1 - model["draft_acceptance"]) * decoded - 1e-9
+
+
+def test_above_drafts_of_a_window_longer_than_a_line_copy_through_the_drafts_drawn_with_them():
+    """init=above with a window of 8 over lines of 3: a new draft two lines ahead copies the new draft one line
+    up, drawn in the same fill, which copies the committed line (it used to read that draft's stale ring slot)."""
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(num_visual=12, line_len=3, tokens=torch.zeros(1, 12, dtype=torch.long),
+                          sample_ids=torch.arange(1), seed=0, vocab=5)
+    run.tokens[0, :3] = torch.tensor([1, 2, 3])
+    state = object.__new__(JacobiState)
+    state.method, state.run, state.iteration = Speculative(window=8, init="above"), run, 0
+    state.committed, state.drafted = np.array([3]), np.array([3])
+    state.drafts, state.point = torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.bool)
+    state.proposals, state.uniform = torch.zeros(1, 8, 5), torch.ones(5) / 5
+    state.forced = torch.full((12,), -1)
+    state.fill_drafts(np.array([8]))
+    positions = torch.arange(3, 11)[None]
+    assert state.ring(state.drafts, positions).tolist() == [[1, 2, 3, 1, 2, 3, 1, 2]]
+    assert state.ring(state.point, positions).all()  # point masses: accepted with probability p(draft)

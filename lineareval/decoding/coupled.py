@@ -25,7 +25,9 @@ and everything at positions < j, x_j still has law q_j, and drawing the new draf
 second marginal is p'_j gives a draft of law p'_j given all of that: maximal coupling's marginal is
 min(q_j, p'_j) + (1 - sum min(q_j, p'_j)) * max(0, p'_j - q_j) / sum max(0, p'_j - q_j) = p'_j, and
 Gumbel-max with noise g_j that nothing at positions <= j has seen is an exact sample of p'_j. The new
-draft is recorded with proposal p'_j, exactly as in SJD, so the next verification is SJD's.
+draft is recorded with proposal p'_j, exactly as in SJD, so the next verification is SJD's. The drafts a
+window feeds past an eviction it may not verify past (lineareval/decoding/speculative.py) are redrawn the
+same way: the old draft was fed only as context for later positions and its acceptance test never ran.
 
 Randomness: the keep/residual draws of maximal coupling are keyed by (seed, sample id, position,
 iteration, purpose) in streams of their own (the iteration with bit 31 set: SJD's streams never reach

@@ -25,13 +25,27 @@ Options:
   p(draft), has p(group) / q(group) above the uniform draw. Faster, NOT distribution-preserving.
 
 Cache policies: eviction happens at the same committed positions as in sequential decoding. With
-`eviction: exact` (default) a window never goes past an image's next eviction point (a line end, or
-for per-step policies a step, once the visual cache would exceed the budget), so no draft attends to a
-token an earlier committed token's eviction would remove, and every policy keeps what sequential
-decoding keeps: greedy SJD gives the sequential tokens and caches. Per-step policies then gain only
-until their budget fills. `eviction: commit` lets windows of per-step policies run past evictions: the
-window's queries see the cache as the window began and evictions happen at commit, in order (the
-engine's chunk semantics, lineareval/cache/schedule.py): faster, a slightly different model.
+`eviction: exact` (default) an iteration verifies, and so commits, nothing past an image's next
+eviction point e (a line end, or for per-step policies a step, once the visual cache would exceed the
+budget): the last position verified is e + 1, whose logits come from the query at e, computed before
+e's commit evicts. No committed token's query has seen a token an earlier eviction removes, so every
+policy keeps what sequential decoding keeps: greedy SJD gives the sequential tokens and caches.
+With `draft_past_evictions` (default) the window fed may still run past e, up to what the iteration
+after the eviction can verify (the next eviction after e, plus one); those drafts are not verified
+this iteration: like the drafts after a rejection they are redrawn from this iteration's p (MC-SJD:
+coupled with the old draft), which becomes their proposal q, and the next iteration, after the
+eviction happened at commit (the chunk's uncommitted tokens are rolled back before it runs,
+lineareval/cache/schedule.py), verifies them against the evicted cache. Exact for the same reason
+SJD's redraws are: a draft and its proposal are functions of the past (committed tokens, earlier
+drafts, this iteration's p) and of draws keyed by this iteration, the acceptance draw that judges it
+next iteration is keyed by that iteration, and rejection sampling accepts a draft of law q with
+probability min(1, p'/q) against whatever p' the post-eviction cache gives, so the committed token
+has law p'. It costs compute, not passes: a window crossing a line end feeds up to `window` tokens
+where it used to stop; per-step policies, whose next iteration verifies one token again, do not
+draft past (it would only cost). `draft_past_evictions=false` stops windows at e + 1 (the earlier
+behaviour). `eviction: commit` lets windows of per-step policies run past evictions: the window's
+queries see the cache as the window began and evictions happen at commit, in order (the engine's
+chunk semantics, lineareval/cache/schedule.py): faster, a slightly different model.
 
 Every draw of image b (draft, acceptance, residual) is keyed by (seed, sample id, position,
 iteration, purpose), and each image's window length depends only on its own state, so an image's
@@ -61,8 +75,9 @@ def _is_int(value) -> bool:
 
 @dataclass
 class Speculative(DecodingMethod):
-    """`decoding=sjd` (and `sjd_pp`, `gsd`): see the module docstring. `window`: drafts per iteration (the
-    reference's 16); `max_iterations`: a bound per batch (None: N, which always suffices)."""
+    """`decoding=sjd` (and `sjd_pp`, `gsd`): see the module docstring. `window`: tokens fed per iteration, at most
+    as many drafts verified (the reference's 16); `max_iterations`: a bound per batch (None: N, which always
+    suffices); `draft_past_evictions`: windows feed drafts past the next eviction (verified next iteration)."""
 
     name: str = "sjd"
     window: int = 16
@@ -73,6 +88,7 @@ class Speculative(DecodingMethod):
     group_radius: int = 7
     group_probability: float = 0.15
     eviction: str = "exact"
+    draft_past_evictions: bool = True
 
     def __post_init__(self) -> None:
         for field, value, allowed in (("init", self.init, INITS), ("acceptance", self.acceptance, ACCEPTANCES),
@@ -89,6 +105,8 @@ class Speculative(DecodingMethod):
         # a probability gap of 1 or more holds for every token: the group would accept anything
         if not isinstance(self.group_probability, (int, float)) or not 0 < self.group_probability < 1:
             raise ValueError(f"decoding.group_probability must be in (0, 1), got {self.group_probability!r}")
+        if not isinstance(self.draft_past_evictions, bool):
+            raise ValueError(f"decoding.draft_past_evictions must be true or false, got {self.draft_past_evictions!r}")
         if self.reuse_threshold is not None and not 0 < self.reuse_threshold <= 1:
             raise ValueError(f"decoding.reuse_threshold must be in (0, 1] or null, got {self.reuse_threshold}")
 
@@ -138,6 +156,7 @@ class JacobiState:
         self.iteration = 0
         self.finished_at = np.zeros(batch, dtype=np.int64)
         self.rejections = np.zeros(batch, dtype=np.int64)  # drafts rejected (each replaced by a residual draw)
+        self.fed = np.zeros(batch, dtype=np.int64)  # tokens fed to the model over the iterations (own windows)
         allowed = run.allowed()
         self.uniform = allowed.float() / allowed.sum()
         self.forced = torch.tensor([-1 if run.forced(index) is None else run.forced(index)
@@ -147,20 +166,29 @@ class JacobiState:
     def active(self) -> np.ndarray:
         return self.committed < self.run.num_visual
 
-    def lengths(self) -> np.ndarray:
-        """Each active image's window: drafts verified this iteration (the chunk fed is as long)."""
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each image's drafts verified this iteration and drafts fed (B,) (0 once finished): verified up to
+        the next eviction e plus one; fed up to the eviction after e plus one (what the next iteration can
+        verify), when `draft_past_evictions` and that eviction is more than one step later, else as many
+        as verified. Each depends on the image's own state alone."""
         run, method = self.run, self.method
-        lengths = np.minimum(method.window, run.num_visual - self.committed)
+        exact = method.eviction == "exact"
+        verified = np.minimum(method.window, run.num_visual - self.committed)
+        fed = verified.copy()
         for image in np.flatnonzero(self.active):
-            end = run.next_eviction(int(self.committed[image]) - 1, method.eviction == "exact")
-            lengths[image] = max(1, min(lengths[image], end - int(self.committed[image]) + 2))
-        return np.where(self.active, lengths, 0)
+            committed, room = int(self.committed[image]), int(verified[image])
+            end = run.next_eviction(committed - 1, exact)
+            verified[image] = max(1, min(room, end - committed + 2))
+            following = run.next_eviction(end + 1, exact) if end + 1 < run.num_visual else run.num_visual
+            past = method.draft_past_evictions and following > end + 1
+            fed[image] = max(int(verified[image]), min(room, following - committed + 2)) if past else verified[image]
+        return np.where(self.active, verified, 0), np.where(self.active, fed, 0)
 
     def step(self) -> None:
         run = self.run
-        lengths = self.lengths()
-        length = int(lengths.max())
-        self.fill_drafts(length)
+        lengths, fed = self.lengths()
+        length = int(fed.max())
+        self.fill_drafts(fed)
         starts = np.minimum(self.committed, run.num_visual) - 1
         device = run.tokens.device
         positions = torch.from_numpy(starts).to(device)[:, None] + torch.arange(length, device=device)  # fed
@@ -168,14 +196,18 @@ class JacobiState:
         drafts = self.ring(self.drafts, targets)  # (B, k)
         chunk = torch.cat([run.tokens.gather(1, positions[:, :1]), drafts[:, :-1]], dim=1)
         p = run.distributions(chunk, positions.clamp(max=run.num_visual - 1), starts)  # (B, k, V)
-        valid = torch.arange(length, device=device) < torch.from_numpy(lengths).to(device)[:, None]
+        columns = torch.arange(length, device=device)
+        valid = columns < torch.from_numpy(lengths).to(device)[:, None]  # verified
+        drafting = columns < torch.from_numpy(fed).to(device)[:, None]  # this image's own window (fed)
         accepted = self.verify(p, drafts, targets, valid)  # (B,) leading accepts
         run.commit(np.where(self.active, 1 + np.minimum(accepted, lengths - 1), 0))  # x_{c-1} and accepted drafts
         rejected = torch.from_numpy(accepted < lengths).to(device)
         at = torch.from_numpy(np.minimum(accepted, length - 1)).to(device)[:, None]
         resampled = self.residual(p.gather(1, at[..., None].expand(-1, -1, run.vocab))[:, 0], targets.gather(1, at)[:, 0],
                                   drafts.gather(1, at)[:, 0])
-        self.refresh(p, drafts, targets, torch.from_numpy(accepted).to(device), valid)
+        first_new = torch.from_numpy(accepted).to(device) + rejected.long()  # the first position not committed
+        self.refresh(p, drafts, targets, first_new, drafting)
+        self.fed += fed
         for image in np.flatnonzero(self.active):
             first, take = int(self.committed[image]), int(accepted[image])
             run.tokens[image, first: first + take] = drafts[image, :take]
@@ -210,12 +242,13 @@ class JacobiState:
         noise = keyed_gumbel(ids, seed_key, counters, self.run.vocab).view(distribution.shape)
         return (distribution.log() + noise.to(distribution.device)).argmax(-1)
 
-    def fill_drafts(self, length: int) -> None:
-        """Drafts for the positions a window may verify that have none yet: the forced token where the layout
-        forces one (a point mass, always accepted), else the initialisation: uniform over the allowed tokens,
-        or (`init=above`) the token one line up as a point mass."""
+    def fill_drafts(self, fed: np.ndarray) -> None:
+        """Drafts for the positions of each image's own window (fed[b] tokens) that have none yet: the forced
+        token where the layout forces one (a point mass, always accepted), else the initialisation: uniform over
+        the allowed tokens, or (`init=above`) the token one line up as a point mass. (A longer window of another
+        image of the batch only pads this one's chunk: causal, after its own tokens, never verified.)"""
         run, method, device = self.run, self.method, self.run.tokens.device
-        ends = np.where(self.active, np.minimum(self.committed + length, run.num_visual), self.drafted)
+        ends = np.where(self.active, np.minimum(self.committed + fed, run.num_visual), self.drafted)
         new = [(image, position) for image in range(len(ends)) for position in range(int(self.drafted[image]),
                                                                                       int(ends[image]))]
         self.drafted = np.maximum(self.drafted, ends)
@@ -223,18 +256,20 @@ class JacobiState:
             return
         images, positions = (torch.tensor(column, device=device) for column in zip(*new))
         uniform = self.draw(self.uniform.expand(len(new), 1, -1), positions[:, None], INIT, images)[:, 0]
-        drafts, point = uniform, torch.zeros_like(positions, dtype=torch.bool)
+        forced, slots = self.forced[positions], positions % method.window
+        point = forced >= 0
+        self.drafts[images, slots] = torch.where(point, forced, uniform)
         if method.init == "above":
-            up = positions >= run.line_len
-            above = run.tokens[images, (positions - run.line_len).clamp(min=0)]
-            slot = (positions - run.line_len) % method.window
-            pending = (positions - run.line_len) >= torch.from_numpy(self.committed).to(device)[images]
-            above = torch.where(pending, self.drafts[images, slot], above)
-            drafts, point = torch.where(up, above, drafts), up
-        forced = self.forced[positions]
-        drafts, point = torch.where(forced >= 0, forced, drafts), point | (forced >= 0)
-        slots = positions % method.window
-        self.drafts[images, slots], self.point[images, slots] = drafts, point
+            up = (positions >= run.line_len) & ~point
+            row = positions - run.line_len
+            committed = run.tokens[images, row.clamp(min=0)]
+            pending = row >= torch.from_numpy(self.committed).to(device)[images]  # a draft: read it from the ring
+            # a window longer than a line drafts chains one line apart in this call: resolve them in order
+            for _ in range(-(-method.window // run.line_len)):
+                above = torch.where(pending, self.drafts[images, row % method.window], committed)
+                self.drafts[images, slots] = torch.where(up, above, self.drafts[images, slots])
+            point = point | up
+        self.point[images, slots] = point
         self.proposals[images, slots] = self.uniform
 
     def verify(self, p: torch.Tensor, drafts: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
@@ -271,11 +306,13 @@ class JacobiState:
         residual = torch.where(empty, p, residual)
         return self.draw(residual[:, None], positions[:, None], RESIDUAL)[:, 0]
 
-    def refresh(self, p: torch.Tensor, drafts: torch.Tensor, targets: torch.Tensor, accepted: torch.Tensor,
-                valid: torch.Tensor) -> None:
-        """Redraw the drafts after the first rejection from this iteration's p (their new proposal), keeping the
-        forced ones and those SJD++ reuses (p(draft) at least the threshold, as point masses)."""
-        after = (torch.arange(p.shape[1], device=p.device) > accepted[:, None]) & valid & (self.forced[targets] < 0)
+    def refresh(self, p: torch.Tensor, drafts: torch.Tensor, targets: torch.Tensor, first_new: torch.Tensor,
+                drafting: torch.Tensor) -> None:
+        """Redraw the drafts fed (`drafting`, (B, k)) from column first_new[b] on (after the first rejection, or
+        past the verified ones) from this iteration's p (their new proposal), keeping the forced ones and those
+        SJD++ reuses (p(draft) at least the threshold, as point masses)."""
+        columns = torch.arange(p.shape[1], device=p.device)
+        after = (columns >= first_new[:, None]) & drafting & (self.forced[targets] < 0)
         if not bool(after.any()):
             return
         reuse = torch.zeros_like(after)
@@ -298,12 +335,14 @@ class JacobiState:
         return self.draw(p, targets, DRAFT)
 
     def statistics(self) -> dict:
-        """Forward passes per image (its iterations; the prefill is not counted), tokens per pass, and the
+        """Forward passes per image (its iterations; the prefill is not counted), tokens committed and tokens fed
+        (its own window: the model's work; a batch's chunk is as long as its longest) per pass, and the
         drafts' acceptance rate: every one of an image's N - 1 decoded tokens is a judged draft, accepted or
         rejected (and replaced by a residual draw), so the rate is 1 - rejections / (N - 1); forced tokens
         count as accepted drafts."""
         iterations, decoded = self.finished_at.astype(float), self.run.num_visual - 1
         return {"decode_passes_per_image": float(iterations.mean()),
                 "tokens_per_pass": float((decoded / iterations).mean()),
+                "tokens_fed_per_pass": float((self.fed / iterations).mean()),
                 "draft_acceptance": float((1 - self.rejections / decoded).mean()),
                 "decode_passes_batch": int(self.iteration)}
