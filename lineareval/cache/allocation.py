@@ -19,8 +19,8 @@ layer the store its budget needs (`KVCache`), so memory follows the total:
   highest scores over all heads jointly, no head above `cap` = `max_head_ratio` * B_l. Heads then hold
   different counts, so the schedule's slots span P + cap + slack per head, but keys and values live in a
   pool of H * (P + B_l + slack) rows per sequence (`store: packed`, lineareval/cache/packed.py): the
-  uniform store's bytes, plus a few bytes of bookkeeping per slot; the tokens are bit for bit those of
-  the dense layout (`store: dense`, every head sized for the cap). Attention spans the cap's slots with
+  uniform store's bytes, plus a few bytes of bookkeeping per slot; it keeps the slots the dense layout
+  (`store: dense`, every head sized for the cap) keeps, with attention equal to round-off. Attention spans the cap's slots with
   the occupancy mask (static shapes, one graph). Policies that select by position keep the same tokens
   in every head: uniform for them.
 """

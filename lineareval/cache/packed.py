@@ -13,10 +13,12 @@ slot), and `rows` (S, H, C) maps each logical slot to its pool row. So:
 - after each compaction every logical slot at or above the new top (where the next tokens will be
   written, the same slots in every head) gets a free row: the pool then holds H * (P + B_l + later) rows
   in use and H * m free, m per head, exactly what the heads write before the next scoring point;
-- attention and scoring read the keys and values of slots [0, W) by gathering their rows into a
-  transient (S, H, W, D) block (one layer at a time): the same numbers in the same slots as the dense
-  store, so attention, scores and sampled tokens are bit for bit the dense store's (the tests check),
-  for one gather of the attended keys and values per layer and step.
+- attention is one product per sequence of its H * k queries with its pool rows, each head's queries
+  masked to the rows of its own occupied slots (keys and values are read once, as a uniform store's;
+  no per-step copy), and line or window scores likewise (`key_logits`); only a policy that reads keys
+  (`CacheView.keys`) gets a (S, H, W, D) copy of its slots, at its scoring points. The sums run over the
+  pool's order, so logits equal the dense store's to round-off and slot layouts exactly (the tests
+  check); on the demo model the sampled tokens were identical (HeadKV at keep 1/4, 400 samples).
 
 A write into a logical slot without a row (which would mean the schedule wrote more tokens than the
 pool holds: an engine bug) is recorded on the device and stops the run at `verify`.
@@ -28,8 +30,6 @@ import numpy as np
 import torch
 
 from lineareval.cache.store import LayerKV
-
-GATHER_MULTIPLE = 64
 
 
 class PackedLayerKV(LayerKV):
@@ -82,30 +82,17 @@ class PackedLayerKV(LayerKV):
 
     # ---- reading and writing through the rows ----------------------------------------------------
 
-    def _gather(self, pool: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """pool (S, T + 1, D) at rows (S, H, k) -> (S, H, k, D).
-
-        Eager, the block is taken from one of a few sizes (k rounded up to GATHER_MULTIPLE slots): the width grows
-        by a slot a step, and a CPU allocator handed a new size every step keeps the old blocks resident."""
-        dim, flat = pool.shape[-1], (self.row_base + rows).reshape(-1)
-        if torch.compiler.is_compiling():
-            return pool.view(-1, dim).index_select(0, flat).view(*rows.shape, dim)
-        sequences, heads, width = rows.shape
-        block = torch.empty(sequences * heads * -(-width // GATHER_MULTIPLE) * GATHER_MULTIPLE, dim, dtype=pool.dtype,
-                            device=pool.device)
-        return torch.index_select(pool.view(-1, dim), 0, flat, out=block[: flat.numel()]).view(*rows.shape, dim)
-
-    def stored(self, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.rows[:, :, :width]
-        return self._gather(self.pool_keys, rows), self._gather(self.pool_values, rows)
-
     def stored_keys(self, width: int) -> torch.Tensor:
-        return self._gather(self.pool_keys, self.rows[:, :, :width])
+        """Keys (S, H, W, D) of slots [0, width), gathered from their rows (free slots: whatever row they name)."""
+        dim, rows = self.pool_keys.shape[-1], self.rows[:, :, :width]
+        flat = (self.row_base + rows).reshape(-1)
+        return self.pool_keys.view(-1, dim).index_select(0, flat).view(*rows.shape, dim)
 
     def attend(self, query: torch.Tensor) -> torch.Tensor:
         """Attention of the step's queries (S, H, k, D) over the pool, each head's queries masked to its own occupied
         rows: one product per sequence of its H * k queries with its T rows (the keys and values are read once, as
-        a uniform store's; no (S, H, W, D) copy), then the same mask rules as `LayerKV.attend`."""
+        a uniform store's; no (S, H, W, D) copy), then the same mask rules as `LayerKV.attend`; it replaces
+        `LayerKV.attend` and its `stored` keys and values."""
         sequences, heads, k, dim = query.shape
         width, pool = self.state.width, self.unmapped
         visible = self.valid[:, :, None, :width]  # adaptive_heads always attends with the occupancy mask

@@ -257,8 +257,7 @@ class LayerGroup:
         """After a generation: stop with the policy's name if its scores broke the contract (selection.py)."""
         self.eviction.verify()
         for layer in self.layers:
-            if isinstance(layer, PackedLayerKV):
-                layer.check()
+            layer.check()
 
     # ---- reuse and compilation -----------------------------------------------------------------
 

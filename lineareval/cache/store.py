@@ -256,6 +256,9 @@ class LayerKV:
         self.valid.index_fill_(2, slots, False)
         self.positions.index_fill_(2, slots, -1)
 
+    def check(self) -> None:
+        """After a generation: raise if the store saw a write it could not hold (the packed store's rows)."""
+
     def end_scoring(self) -> None:
         """Release what is only valid at this scoring point (line probabilities: (S, H, n, W) fp32)."""
         for signal in self.signals.values():
