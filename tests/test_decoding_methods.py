@@ -59,8 +59,11 @@ def test_the_record_names_the_decoding_method_that_ran(make_config, model, decod
     num_decoded = record["visual_budget"] * 2 - 1  # keep=1/2: B = N / 2
     if decoding == "sequential":
         assert record["tokens_per_pass"] == 1.0 and record["decode_passes_per_image"] == num_decoded
-    else:  # greedy Jacobi iterations commit several tokens per forward pass
+    elif model == "demo":  # trained: greedy Jacobi iterations commit several tokens per forward pass
         assert record["tokens_per_pass"] > 1 and record["decode_passes_per_image"] < num_decoded
+    else:  # random weights: greedy drafts are accepted only by chance (the old "> 1" held by one token of 63 on
+        # llamagen_tiny), so check that windows of drafts were fed and that no pass was wasted
+        assert record["tokens_fed_per_pass"] > 2 and record["decode_passes_per_image"] <= num_decoded
 
 
 def test_no_family_loader_takes_a_decoding_method(make_config):
