@@ -57,6 +57,17 @@ class DecodeSession:
         guided = decoder.family.constrain(decoder.guide(torch.cat(self._logits), visual_index))
         return decoder.sample(guided, self.seed, self.sample_ids, visual_index)
 
+    def distribution(self, visual_index: int) -> torch.Tensor:
+        """The distribution `sample(visual_index)` draws from (B, V) float32: guided, constrained, tempered and
+        filtered (a point mass where the layout forces the token)."""
+        forced = self.forced(visual_index)
+        if forced is not None:
+            return torch.nn.functional.one_hot(torch.full((self.batch,), forced, device=self.device),
+                                               self.vocab).float()
+        decoder = self._decoder
+        guided = decoder.family.constrain(decoder.guide(torch.cat(self._logits), visual_index))
+        return target_probabilities(guided, decoder.sampling)
+
     def feed(self, tokens: torch.Tensor, visual_index: int) -> None:
         """Feed visual token `visual_index` of every image (B,) to every branch (and evict as the policy says)."""
         stepper = self._decoder.stepper
