@@ -34,9 +34,11 @@ def test_randomized_pit_of_exact_draws_is_uniform_and_of_sharpened_draws_is_not(
     assert stats.kstest(randomized_pit(p, sharp, v)[1], "uniform").pvalue < 1e-6
 
 
-def demo_summary(decoding: str, cache: str, keep: str, *overrides: str, score_overrides: tuple = ()) -> dict:
+def demo_summary(decoding: str, cache: str, keep: str, *overrides: str) -> dict:
+    """The PIT summary of 64 demo samples drawn with `decoding` (and sampling `overrides`), scored under the
+    demo's own sampling."""
     pipe = lineareval.load("demo", f"decoding={decoding}", *overrides, cache=cache, keep=keep)
-    scorer = lineareval.load("demo", *score_overrides, cache=cache, keep=keep)
+    scorer = lineareval.load("demo", cache=cache, keep=keep) if overrides else pipe  # scoring reads no decoding
     labels, ids = torch.arange(COUNT) % 10, torch.arange(COUNT)
     tokens = torch.from_numpy(pipe.generate(labels=labels.tolist(), seed=11, decode=False).tokens)
     log_p, pit = score_tokens(scorer.generator, scorer.policy, scorer.budgets, labels, ids, tokens, seed=11, batch_size=32)

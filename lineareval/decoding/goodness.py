@@ -24,42 +24,40 @@ import numpy as np
 import torch
 from scipy import stats
 
-from lineareval.decoding.method import DecodingMethod
+from lineareval.decoding.method import Sequential
 from lineareval.decoding.session import DecodeSession
 
 PIT_SALT = 0x5EED_B17  # the PIT draws' own numpy streams, (PIT_SALT, seed, sample id): nothing a sampler uses
 
 
 @dataclass
-class TeacherForced(DecodingMethod):
-    """Feeds `tokens` (B, N) instead of sampling, one at a time; records log p(x_t) and the randomized PIT u_t of
-    every token (B, N) (NaN where the layout forces the token)."""
+class TeacherForced(Sequential):
+    """Sequential decoding's loop feeding `tokens` (B, N) instead of drawing them; records log p(x_t) and the
+    randomized PIT u_t of every token (B, N) (NaN where the layout forces the token)."""
 
     tokens: torch.Tensor = None
     name: str = "teacher_forced"
     log_p: np.ndarray = field(default=None, init=False)
     pit: np.ndarray = field(default=None, init=False)
+    draws: np.ndarray = field(default=None, init=False)  # (B, N) the PIT's v, from (PIT_SALT, seed, sample id)
 
     def run(self, session: DecodeSession) -> dict:
-        tokens = self.tokens.to(session.device)
-        if tuple(tokens.shape) != (session.batch, session.num_visual):
-            raise ValueError(f"TeacherForced: tokens of shape {tuple(tokens.shape)}, the batch needs "
+        if tuple(self.tokens.shape) != (session.batch, session.num_visual):
+            raise ValueError(f"TeacherForced: tokens of shape {tuple(self.tokens.shape)}, the batch needs "
                              f"({session.batch}, {session.num_visual})")
-        self.log_p = np.full(tuple(tokens.shape), np.nan)
-        self.pit = np.full(tuple(tokens.shape), np.nan)
-        draws = np.stack([np.random.default_rng([PIT_SALT, session.seed, int(i)]).random(session.num_visual)
-                          for i in session.sample_ids.tolist()])
-        for index in range(session.num_visual):
-            token = tokens[:, index]
-            if session.forced(index) is None:
-                p = session.distribution(index).double()
-                self.log_p[:, index], self.pit[:, index] = randomized_pit(p, token, draws[:, index])
-            session.tokens[:, index] = token
-            if index == session.num_visual - 1:
-                break
-            session.feed(token, index)
-        passes = session.num_visual - 1
-        return {"decode_passes_per_image": float(passes), "tokens_per_pass": 1.0, "decode_passes_batch": passes}
+        self.tokens = self.tokens.to(session.device)
+        self.log_p = np.full(tuple(self.tokens.shape), np.nan)
+        self.pit = np.full(tuple(self.tokens.shape), np.nan)
+        self.draws = np.stack([np.random.default_rng([PIT_SALT, session.seed, int(i)]).random(session.num_visual)
+                               for i in session.sample_ids.tolist()])
+        return super().run(session)
+
+    def next_token(self, session: DecodeSession, index: int) -> torch.Tensor:
+        token = self.tokens[:, index]
+        if session.forced(index) is None:
+            p = session.distribution(index).double()
+            self.log_p[:, index], self.pit[:, index] = randomized_pit(p, token, self.draws[:, index])
+        return token
 
 
 def randomized_pit(p: torch.Tensor, token: torch.Tensor, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,8 +95,8 @@ def pit_summary(log_p: np.ndarray, pit: np.ndarray) -> dict:
     z = (u.mean() - 0.5) / np.sqrt(1 / 12 / n)
     counts = np.histogram(u, bins=10, range=(0, 1))[0]
     per_image = np.nanmean(log_p, axis=1)
+    ks = stats.kstest(u, "uniform")
     return {"tokens": n, "images": len(pit), "mean_pit": float(u.mean()), "mean_pit_z": float(z),
-            "mean_pit_p": float(2 * stats.norm.sf(abs(z))), "ks_d": float(stats.kstest(u, "uniform").statistic),
-            "ks_p": float(stats.kstest(u, "uniform").pvalue), "decile_chi2_p": float(stats.chisquare(counts).pvalue),
+            "mean_pit_p": float(2 * stats.norm.sf(abs(z))), "ks_d": float(ks.statistic), "ks_p": float(ks.pvalue), "decile_chi2_p": float(stats.chisquare(counts).pvalue),
             "pit_below_0.1": float((u < 0.1).mean()), "log_p_per_token": float(per_image.mean()),
             "log_p_per_token_se": float(per_image.std(ddof=1) / np.sqrt(len(per_image)))}

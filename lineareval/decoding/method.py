@@ -50,7 +50,7 @@ class Sequential(DecodingMethod):
 
     def run(self, session: DecodeSession) -> dict:
         for index in range(session.num_visual):
-            token = session.sample(index)
+            token = self.next_token(session, index)
             session.tokens[:, index] = token
             if index == session.num_visual - 1:
                 break
@@ -58,3 +58,7 @@ class Sequential(DecodingMethod):
             session.stepped(index)
         passes = session.num_visual - 1
         return {"decode_passes_per_image": float(passes), "tokens_per_pass": 1.0, "decode_passes_batch": passes}
+
+    def next_token(self, session: DecodeSession, index: int):
+        """Visual token `index` of every image (B,): drawn from the session (`TeacherForced` gives its own)."""
+        return session.sample(index)

@@ -53,9 +53,12 @@ class DecodeSession:
         forced = self.forced(visual_index)
         if forced is not None:
             return torch.full((self.batch,), forced, dtype=torch.long, device=self.device)
+        return self._decoder.sample(self._guided(visual_index), self.seed, self.sample_ids, visual_index)
+
+    def _guided(self, visual_index: int) -> torch.Tensor:
+        """The current next-token logits (B, V), guided as `cfg_interval` says at `visual_index` and constrained."""
         decoder = self._decoder
-        guided = decoder.family.constrain(decoder.guide(torch.cat(self._logits), visual_index))
-        return decoder.sample(guided, self.seed, self.sample_ids, visual_index)
+        return decoder.family.constrain(decoder.guide(torch.cat(self._logits), visual_index))
 
     def distribution(self, visual_index: int) -> torch.Tensor:
         """The distribution `sample(visual_index)` draws from (B, V) float32: guided, constrained, tempered and
@@ -64,9 +67,7 @@ class DecodeSession:
         if forced is not None:
             return torch.nn.functional.one_hot(torch.full((self.batch,), forced, device=self.device),
                                                self.vocab).float()
-        decoder = self._decoder
-        guided = decoder.family.constrain(decoder.guide(torch.cat(self._logits), visual_index))
-        return target_probabilities(guided, decoder.sampling)
+        return target_probabilities(self._guided(visual_index), self._decoder.sampling)
 
     def feed(self, tokens: torch.Tensor, visual_index: int) -> None:
         """Feed visual token `visual_index` of every image (B,) to every branch (and evict as the policy says)."""
